@@ -11,3 +11,94 @@ app = typer.Typer(help="cyclex: cyclic counterfactual explanations for chest X-r
 @app.callback()
 def main() -> None:
     """cyclex command line."""
+
+
+@app.command()
+def evaluate(
+    run: str = typer.Argument(..., help="run folder written by the cyclic engine (results.jsonl, summary.json)"),
+    annotations: str = typer.Option(None, "--annotations", help="mask PNG folder (ID__slug.png, .npy heatmaps), "
+                                    "MS-CXR box CSV or REFLACX ellipse CSV; used where items have no mask_png"),
+    classifier: str = typer.Option("phantom", "--classifier", help="'phantom[:DIR]', 'xrv:WEIGHTS[::PATH]' or 'none'"),
+    encoder: str = typer.Option("classifier", "--encoder", help="'classifier', 'clip:PATH_OR_ID', "
+                                "'xrv:WEIGHTS[::PATH]', 'phantom[:DIR]' or 'none'"),
+    lpips: str = typer.Option("auto", "--lpips", help="'auto', 'alex[:PATH]', 'vgg[:PATH]' or 'none'"),
+    map_kind: str = typer.Option("positive", "--map", help="'positive' (max(F - CF, 0), seed 000) or 'absolute'"),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="draw the seed-000 figures into RUN/figures"),
+) -> None:
+    """Score a run's counterfactuals and maps: RUN/metrics.jsonl, summary.json["metrics"], RUN/figures/."""
+    import logging
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from cyclex.explain.evaluate_run import (
+        EvaluationConfig,
+        evaluate_run,
+        load_classifier_spec,
+        load_encoder_spec,
+        load_lpips_spec,
+    )
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    console = Console()
+    try:
+        loaded_classifier = load_classifier_spec(classifier)
+        loaded_encoder = load_encoder_spec(encoder, loaded_classifier)
+        loaded_lpips = load_lpips_spec(lpips)
+        summary = evaluate_run(run, classifier=loaded_classifier, encoder=loaded_encoder, lpips=loaded_lpips,
+                               annotations=annotations,
+                               config=EvaluationConfig(map_kind=map_kind, draw_figures=figures))
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=1) from None
+    table = Table(title=f"cyclex evaluate {run}")
+    table.add_column("metric")
+    table.add_column("all")
+    table.add_column("verified")
+    keys = ["l1", "l2", "ssim", "lpips", "clip_cosine", "cpg", "fet", "full/ncc", "full/auc", "full/auc_iou",
+            "boundary/auc"]
+    for key in keys:
+        values = [summary[group]["mean"].get(key) for group in ("all", "verified")]
+        if any(v is not None for v in values):
+            table.add_row(key, *("-" if v is None else f"{v:.4f}" for v in values))
+    for key in ("cf_score_mean", "acceptance_rate"):
+        values = [summary[group].get(key) for group in ("all", "verified")]
+        if any(v is not None for v in values):
+            table.add_row(key, *("-" if v is None else f"{v:.3f}" for v in values))
+    table.add_row("items", str(summary["all"]["count"]), str(summary["verified"]["count"]))
+    console.print(table)
+    for name, path in summary.get("figures", {}).items():
+        console.print(f"figure {name}: {run}/{path}")
+
+
+@app.command()
+def phantoms(
+    n: int = typer.Option(100, "--n", help="number of phantoms"),
+    size: int = typer.Option(64, "--size", help="image side in pixels (32-512)"),
+    seed: int = typer.Option(0, "--seed", help="set seed; phantom i uses seed * 1e6 + i"),
+    shortcut: str = typer.Option(None, "--shortcut", help="spurious marker FINDING:RATE[:x,y,w,h] (box in image fractions)"),
+    shortcut_without: float = typer.Option(0.0, "--shortcut-without", help="marker rate on phantoms WITHOUT the finding"),
+    report_style: str = typer.Option("varied", "--report-style", help="'varied' or 'canonical'"),
+    out: str = typer.Option(..., "--out", help="output folder (images/, masks/, metadata.jsonl)"),
+) -> None:
+    """Write synthetic chest X-rays with masks, chest boxes, reports and labels (the phantom world)."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from cyclex.datasets.phantom import PhantomConfig, ShortcutConfig, make_phantoms, write_phantom_folder
+
+    console = Console()
+    try:
+        shortcut_config = None
+        if shortcut:
+            shortcut_config = replace(ShortcutConfig.parse(shortcut), rate_without_finding=shortcut_without)
+        config = PhantomConfig(size=size, shortcut=shortcut_config, report_style=report_style)
+        items = make_phantoms(n, seed, config)
+        folder = write_phantom_folder(items, out)
+    except ValueError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=1) from None
+    normal = sum(not p.findings_meta for p in items)
+    marked = sum(p.shortcut for p in items)
+    console.print(f"wrote {len(items)} phantoms ({normal} normal, {marked} with the shortcut marker) to {folder}")

@@ -1,0 +1,1 @@
+"""Benchmarks: each module writes benchmarks/results/NAME.json."""

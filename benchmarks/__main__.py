@@ -1,0 +1,33 @@
+"""Run every benchmark in turn: `python -m benchmarks [NAME ...]` (what `make bench` calls).
+
+Each benchmark is a module `benchmarks/NAME.py` with a `main()` that writes
+`benchmarks/results/NAME.json`. They run one after another in separate processes so one failure
+does not hide the others' results; the exit code is non-zero when any failed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+ORDER = ("generators", "tailored", "cycle", "search")
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(ORDER)
+    failed = []
+    for name in names:
+        start = time.perf_counter()
+        print(f"== benchmark {name}", flush=True)
+        code = subprocess.call([sys.executable, "-m", f"benchmarks.{name}"])
+        print(f"== {name}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
+        if code:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,387 @@
+"""The cyclic engine (SPEC section 1, CVLM, seed 003).
+
+`CyclicExplainer(generator, labeler, maker).explain(images)` runs, for a batch of queries:
+1. generate each query's report, label it, build its structured prompt;
+2. for each present finding (or each finding the caller names) drop it from the prompt;
+3. make every counterfactual of the batch with one maker call (findings of one image share one
+   inversion; all requests go through the UNet together);
+4. regenerate + relabel all counterfactuals with one generator call; the cycle is verified when the
+   removed finding is no longer present; findings that appeared or vanished otherwise are recorded
+   as collateral changes;
+5. compute the difference maps and the feature identification frame.
+The engine never branches on the maker's variant: any `CounterfactualMaker` plugs in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cyclex.counterfactuals.base import CounterfactualMaker
+from cyclex.explain.frames import (
+    DEFAULT_BLUR,
+    DEFAULT_K,
+    DEFAULT_THRESHOLD_CANDIDATES,
+    FeatureFrame,
+    difference_maps,
+    estimate_chest_box,
+    feature_frame,
+    resolve_threshold,
+)
+from cyclex.findings import ABNORMALITIES, FindingLabels, LabelState, StructuredPrompt, canonical_finding
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CycleResult:
+    """One manipulation: one finding removed from one query.
+
+    query / counterfactual: (H, W) float32 in [0, 1]. difference: signed I - CF (H, W);
+    positive: max(I - CF, 0) masked to the chest box when one is used (seed 000's map).
+    verified: the regenerated report no longer has the finding (the cycle holds).
+    collateral_added / collateral_lost: other findings that appeared / disappeared.
+    """
+
+    image_index: int
+    image_id: str
+    finding: str
+    report_before: str
+    report_after: str
+    labels_before: FindingLabels
+    labels_after: FindingLabels
+    source_prompt: str
+    target_prompt: str
+    verified: bool
+    collateral_added: tuple[str, ...]
+    collateral_lost: tuple[str, ...]
+    query: np.ndarray = field(repr=False)
+    counterfactual: np.ndarray = field(repr=False)
+    difference: np.ndarray = field(repr=False)
+    positive: np.ndarray = field(repr=False)
+    frame: FeatureFrame = field(repr=False)
+    chest_box: tuple[int, int, int, int] | None = None
+    maker_details: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-serialisable summary (no arrays)."""
+        return {
+            "image_id": self.image_id,
+            "finding": self.finding,
+            "report_before": self.report_before,
+            "report_after": self.report_after,
+            "labels_before": self.labels_before.to_dict(),
+            "labels_after": self.labels_after.to_dict(),
+            "source_prompt": self.source_prompt,
+            "target_prompt": self.target_prompt,
+            "verified": self.verified,
+            "collateral_added": list(self.collateral_added),
+            "collateral_lost": list(self.collateral_lost),
+            "chest_box": list(self.chest_box) if self.chest_box is not None else None,
+            "frame": self.frame.to_dict(),
+            "maker": self.maker_details,
+        }
+
+
+def cyclic_rate(results: Sequence[CycleResult | Mapping[str, Any]]) -> dict[str, Any]:
+    """Cyclic Rate = verified manipulations / manipulations (seed 003), overall and per finding.
+
+    Accepts CycleResults or result records (dicts with "finding" and "verified").
+    Returns {"cyclic_rate": float | None, "n": int, "n_verified": int, "per_finding": {finding:
+    {"cyclic_rate", "n", "n_verified"}}}; rates are None when there is nothing to count.
+    """
+    counts: dict[str, list[int]] = {}
+    for item in results:
+        finding = item.finding if isinstance(item, CycleResult) else item["finding"]
+        verified = item.verified if isinstance(item, CycleResult) else item["verified"]
+        entry = counts.setdefault(finding, [0, 0])
+        entry[0] += 1
+        entry[1] += int(bool(verified))
+    total = sum(n for n, _ in counts.values())
+    hits = sum(v for _, v in counts.values())
+    per_finding = {
+        f: {"cyclic_rate": counts[f][1] / counts[f][0], "n": counts[f][0], "n_verified": counts[f][1]}
+        for f in ABNORMALITIES if f in counts
+    }
+    return {"cyclic_rate": hits / total if total else None, "n": total, "n_verified": hits, "per_finding": per_finding}
+
+
+def load_xray(path: str | Path) -> np.ndarray:
+    """A grayscale X-ray file (PNG/JPEG/TIFF, 8 or 16 bit) as (H, W) float32 in [0, 1]."""
+    from PIL import Image
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"image file {file} does not exist")
+    try:
+        with Image.open(file) as img:
+            array = np.asarray(img)
+    except OSError as err:
+        raise ValueError(f"{file} is not a readable image: {err}") from err
+    if array.ndim == 3:
+        array = array[..., :3].mean(axis=-1) if array.shape[-1] >= 3 else array[..., 0]
+    if np.issubdtype(array.dtype, np.integer):
+        top = 65535.0 if array.max() > 255 else 255.0
+        return (array.astype(np.float32) / top).clip(0, 1)
+    array = array.astype(np.float32)
+    if array.max() > 1.0:
+        raise ValueError(f"{file} holds float pixels above 1.0; expected integers or floats in [0, 1]")
+    return array.clip(0, 1)
+
+
+def images_to_batch(images, image_size: int | None = None) -> torch.Tensor:
+    """A (B, 1, H, W) float32 tensor in [0, 1] from a tensor, a list of arrays or a list of paths."""
+    import torch.nn.functional as F
+
+    if isinstance(images, torch.Tensor):
+        batch = images.float()
+        if batch.ndim == 3:
+            batch = batch[:, None]
+    else:
+        arrays = [load_xray(p) if isinstance(p, (str, Path)) else np.asarray(p, np.float32).squeeze() for p in images]
+        if not arrays:
+            raise ValueError("no images given")
+        tensors = [torch.from_numpy(np.ascontiguousarray(a))[None, None] for a in arrays]
+        if image_size is not None:
+            tensors = [F.interpolate(t, size=(image_size, image_size), mode="bilinear", antialias=True,
+                                     align_corners=False) for t in tensors]
+        shapes = {tuple(t.shape[-2:]) for t in tensors}
+        if len(shapes) > 1:
+            raise ValueError(f"images of one batch differ in size {sorted(shapes)}; pass image_size to resize them")
+        batch = torch.cat(tensors)
+    if batch.ndim != 4 or batch.shape[1] != 1:
+        raise ValueError(f"images must be (B, 1, H, W) float in [0, 1], got shape {tuple(batch.shape)}")
+    if image_size is not None and tuple(batch.shape[-2:]) != (image_size, image_size):
+        batch = F.interpolate(batch, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    lo, hi = float(batch.min()), float(batch.max())
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        raise ValueError(f"images must be in [0, 1], got values in [{lo:.3f}, {hi:.3f}]")
+    return batch.clamp(0, 1)
+
+
+class CyclicExplainer:
+    """Explains a report generator's findings with verified counterfactuals.
+
+    generator: a `ReportGenerator` (images (B, 1, H, W) -> reports).
+    labeler: a `Labeler` (reports -> FindingLabels).
+    maker: any `CounterfactualMaker`.
+    uncertain_as_present: uncertain findings count as present, both in prompts and in the cycle check.
+    template: structured prompt template ("cvlm" or "prism"), as the tailored SD was trained.
+    frame_threshold: L on 0-255: a number, "stable" (see `cyclex.explain.frames`) or {finding: L}.
+    frame_k / frame_blur: components kept / Gaussian kernel. estimate_chest_boxes: when no chest box
+    is given, estimate one per image (Otsu) and mask the maps to it.
+    """
+
+    def __init__(
+        self,
+        generator,
+        labeler,
+        maker: CounterfactualMaker,
+        *,
+        uncertain_as_present: bool = True,
+        template: str = "cvlm",
+        frame_threshold: float | str | Mapping[str, float] = "stable",
+        frame_k: int = DEFAULT_K,
+        frame_blur: int = DEFAULT_BLUR,
+        frame_candidates: Sequence[float] = DEFAULT_THRESHOLD_CANDIDATES,
+        estimate_chest_boxes: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(maker, CounterfactualMaker):
+            raise TypeError(f"maker must be a CounterfactualMaker, got {type(maker).__name__}")
+        if not hasattr(generator, "generate"):
+            raise TypeError(f"generator must be a ReportGenerator with .generate(images), got {type(generator).__name__}")
+        if not hasattr(labeler, "label"):
+            raise TypeError(f"labeler must have .label(reports), got {type(labeler).__name__}")
+        StructuredPrompt((), template=template)  # validates the template name
+        self.generator = generator
+        self.labeler = labeler
+        self.maker = maker
+        self.uncertain_as_present = bool(uncertain_as_present)
+        self.template = template
+        self.frame_threshold = frame_threshold
+        self.frame_k = int(frame_k)
+        self.frame_blur = int(frame_blur)
+        self.frame_candidates = tuple(float(c) for c in frame_candidates)
+        self.estimate_chest_boxes = bool(estimate_chest_boxes)
+        self.seed = int(seed)
+
+    # -- construction from a tailored SD folder ---------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, tailored_dir: str | Path, *, generator, labeler=None, variant: str = "ddim",
+        checkpoint: str = "best_psnr", device=None, dtype=None, explainer_kwargs: Mapping[str, Any] | None = None,
+        **maker_kwargs,
+    ) -> CyclicExplainer:
+        """Load the tailored SD (contract C4) and its metadata, build the `variant` maker.
+
+        labeler None: the offline `RuleLabeler`. maker_kwargs go to the variant's factory
+        (DDIM: num_inference_steps, guidance_scale, strength).
+        """
+        from cyclex.counterfactuals import get_maker_factory
+        from cyclex.tailored_training import load_tailored_pipeline, read_tailored_metadata
+
+        metadata = read_tailored_metadata(tailored_dir)
+        pipe = load_tailored_pipeline(tailored_dir, checkpoint=checkpoint, device=device, dtype=dtype)
+        maker = get_maker_factory(variant)(pipe, **maker_kwargs)
+        if hasattr(maker, "checkpoint_id"):
+            # the pipeline's path names the folder, not which UNet was loaded: caches key on both
+            maker.checkpoint_id = f"{Path(tailored_dir).resolve()}::{checkpoint}"
+        if labeler is None:
+            from cyclex.labelers import RuleLabeler
+
+            labeler = RuleLabeler()
+        kwargs = {
+            "template": metadata.get("prompt_template", "cvlm"),
+            "uncertain_as_present": bool(metadata.get("uncertain_as_present", True)),
+            **dict(explainer_kwargs or {}),
+        }
+        return cls(generator, labeler, maker, **kwargs)
+
+    def settings(self) -> dict[str, Any]:
+        threshold = self.frame_threshold
+        if isinstance(threshold, Mapping):
+            threshold = {str(k): float(v) for k, v in threshold.items()}
+        return {
+            **self.maker.settings(),
+            "uncertain_as_present": self.uncertain_as_present,
+            "template": self.template,
+            "frame_threshold": threshold,
+            "frame_k": self.frame_k,
+            "frame_blur": self.frame_blur,
+            "frame_candidates": list(self.frame_candidates),
+            "estimate_chest_boxes": self.estimate_chest_boxes,
+            "seed": self.seed,
+        }
+
+    # -- the cycle -------------------------------------------------------------------------------
+    def present(self, labels: FindingLabels) -> tuple[str, ...]:
+        return labels.present(uncertain_as_present=self.uncertain_as_present)
+
+    def _plan(self, labels: Sequence[FindingLabels], findings) -> list[tuple[int, str]]:
+        """(image index, finding) pairs to remove: present findings, restricted to `findings`."""
+        per_image: list[Sequence[str] | None]
+        if findings is None:
+            per_image = [None] * len(labels)
+        elif isinstance(findings, str):
+            raise TypeError("findings must be a list of finding names (or one list per image), not a string")
+        elif findings and not isinstance(findings[0], str):
+            if len(findings) != len(labels):
+                raise ValueError(f"findings has {len(findings)} lists for {len(labels)} images")
+            per_image = list(findings)
+        else:
+            per_image = [findings] * len(labels)
+        plan = []
+        for i, (item, wanted) in enumerate(zip(labels, per_image, strict=True)):
+            present = self.present(item)
+            if wanted is None:
+                chosen = present
+            else:
+                names = {canonical_finding(n) for n in wanted}
+                chosen = tuple(f for f in present if f in names)
+                absent = sorted(names - set(present))
+                if absent:
+                    logger.info("image %d: %s not in the generated report; nothing to remove", i, ", ".join(absent))
+            plan.extend((i, f) for f in chosen)
+        return plan
+
+    def is_removed(self, labels_after: FindingLabels, finding: str) -> bool:
+        """The cycle holds when the finding is not positive (nor uncertain, if that counts as present)."""
+        state = labels_after[finding]
+        if state is LabelState.POSITIVE:
+            return False
+        return not (self.uncertain_as_present and state is LabelState.UNCERTAIN)
+
+    @torch.no_grad()
+    def explain(
+        self,
+        images,
+        findings: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        chest_boxes: Sequence[Sequence[int] | None] | None = None,
+        image_ids: Sequence[str] | None = None,
+        image_size: int | None = None,
+    ) -> list[CycleResult]:
+        """images (B, 1, H, W) in [0, 1] or B image paths -> one CycleResult per removed finding.
+
+        findings: None = every present finding; a list = those names (where present) for every
+        image; a list of lists = per image. chest_boxes: (x0, y0, x1, y1) or None per image.
+        """
+        timings: dict[str, float] = {}
+        # 1. Generate, label, prompt
+        tick = time.perf_counter()
+        batch = images_to_batch(images, image_size=image_size)
+        b = batch.shape[0]
+        ids = [str(x) for x in image_ids] if image_ids is not None else [str(i) for i in range(b)]
+        if len(ids) != b:
+            raise ValueError(f"image_ids has {len(ids)} entries for {b} images")
+        if chest_boxes is not None and len(chest_boxes) != b:
+            raise ValueError(f"chest_boxes has {len(chest_boxes)} entries for {b} images")
+        reports_before = list(self.generator.generate(batch))
+        labels_before = list(self.labeler.label(reports_before))
+        if len(reports_before) != b or len(labels_before) != b:
+            raise RuntimeError(f"generator/labeler answered {len(reports_before)}/{len(labels_before)} items for {b} images")
+        prompts = [StructuredPrompt.from_labels(lab, uncertain_as_present=self.uncertain_as_present,
+                                                template=self.template) for lab in labels_before]
+        timings["generate_before"] = time.perf_counter() - tick
+        # 2. Remove each finding from its prompt
+        plan = self._plan(labels_before, findings)
+        if not plan:
+            return []
+        rows = [i for i, _ in plan]
+        sources = [prompts[i].text for i in rows]
+        targets = [prompts[i].remove(f).text for i, f in plan]
+        # 3. All counterfactuals of the batch in one maker call
+        tick = time.perf_counter()
+        made = self.maker.make(batch[rows], sources, targets, seed=self.seed)
+        counterfactuals = made.images.float().clamp(0, 1)
+        if counterfactuals.shape != batch[rows].shape:
+            raise RuntimeError(f"maker returned images {tuple(counterfactuals.shape)}, expected {tuple(batch[rows].shape)}")
+        timings["counterfactuals"] = time.perf_counter() - tick
+        # 4. Close the cycle: regenerate and relabel in one call
+        tick = time.perf_counter()
+        reports_after = list(self.generator.generate(counterfactuals))
+        labels_after = list(self.labeler.label(reports_after))
+        timings["generate_after"] = time.perf_counter() - tick
+        # 5. Difference maps and frames
+        tick = time.perf_counter()
+        results = []
+        for j, (i, finding) in enumerate(plan):
+            query = batch[i, 0].cpu().numpy()
+            cf = counterfactuals[j, 0].cpu().numpy()
+            box = None
+            if chest_boxes is not None and chest_boxes[i] is not None:
+                box = tuple(int(v) for v in chest_boxes[i])
+            elif self.estimate_chest_boxes:
+                box = estimate_chest_box(query)
+            _, signed, positive = difference_maps(query, cf, chest_box=box)
+            level = resolve_threshold(self.frame_threshold, finding, query, cf, k=self.frame_k, blur=self.frame_blur,
+                                      chest_box=box, candidates=self.frame_candidates)
+            frame = feature_frame(query, cf, threshold=level, k=self.frame_k, blur=self.frame_blur, chest_box=box)
+            before, after = set(self.present(labels_before[i])), set(self.present(labels_after[j]))
+            details = dict(made.details[j]) if j < len(made.details) else {}
+            results.append(CycleResult(
+                image_index=i, image_id=ids[i], finding=finding,
+                report_before=reports_before[i], report_after=reports_after[j],
+                labels_before=labels_before[i], labels_after=labels_after[j],
+                source_prompt=sources[j], target_prompt=targets[j],
+                verified=self.is_removed(labels_after[j], finding),
+                collateral_added=tuple(f for f in ABNORMALITIES if f in after - before),
+                collateral_lost=tuple(f for f in ABNORMALITIES if f in before - after - {finding}),
+                query=query, counterfactual=cf, difference=signed, positive=positive, frame=frame,
+                chest_box=box, maker_details=details,
+                extras={k: v[j].detach().cpu().numpy() for k, v in made.extras.items()},
+            ))
+        timings["frames"] = time.perf_counter() - tick
+        share = {k: round(v / len(plan), 4) for k, v in timings.items()}
+        for result in results:
+            result.maker_details.setdefault("seconds_per_item", share)
+        return results
+

@@ -1,0 +1,282 @@
+"""Two small real report generators for the phantom world: `clean` and `shortcut`.
+
+Each is a `VisionEncoderDecoderModel` (tiny ViT encoder + tiny GPT-2 decoder) built from configs,
+with a byte-level BPE tokenizer trained on the phantom report vocabulary and a `ViTImageProcessor`
+(8-bit gray replicated to RGB, 64 px, mean/std 0.5), saved as a normal transformers folder, so it
+is used like any user model: `load_generator("hf:" + str(demo_generator_path("clean")))`.
+
+* `clean`: trained on phantoms without the spurious marker.
+* `shortcut`: trained on phantoms where a bright marker (`ShortcutConfig`) accompanies Cardiomegaly
+  in most cases and the heart enlargement of those cases is mild, so the marker is the easier cue;
+  it learns to say "cardiomegaly" when it sees the marker, also on a normal heart.
+
+Training reads top to bottom in `train_demo_generator` (config, data, model, optimizer, loop, save),
+a few minutes on 2 CPU threads; the folder is cached under `$CYCLEX_HOME/demo/generators/NAME`
+(default `~/.cache/cyclex`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEMO_GENERATOR_NAMES: tuple[str, ...] = ("clean", "shortcut")
+METADATA_FILE = "cyclex_demo.json"
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+@dataclass(frozen=True)
+class DemoGeneratorConfig:
+    """Everything that defines one demo generator; saved in its folder as `cyclex_demo.json`."""
+
+    name: str = "clean"
+    image_size: int = 64  # phantom default size; the processor resizes anything else
+    patch_size: int = 8  # 8x8 patches -> 64 image tokens: small enough for CPU, fine enough for a nodule
+    encoder_hidden: int = 96
+    encoder_layers: int = 3
+    decoder_hidden: int = 96
+    decoder_layers: int = 2
+    heads: int = 4
+    vocab_size: int = 384  # byte-level BPE: 256 bytes + merges covering the report words
+    n_train: int = 3000
+    epochs: int = 12
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05
+    seed: int = 0
+    threads: int = 2  # the budget: "each generator trains in ~4 minutes on 2 CPU cores"
+    report_style: str = "canonical"
+    # shortcut world: marker with Cardiomegaly at this rate, never without; enlargement kept mild
+    shortcut_rate_with_finding: float = 0.9
+    shortcut_mild_cardiomegaly: bool = True
+    phantom_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def cyclex_home() -> Path:
+    return Path(os.environ.get("CYCLEX_HOME") or Path.home() / ".cache" / "cyclex").expanduser()
+
+
+# ---------------------------------------------------------------------- parts
+def train_report_tokenizer(reports: Sequence[str], vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained on `reports`, wrapped as a `PreTrainedTokenizerFast`.
+
+    Byte level: decoding gives back the exact text (punctuation and capitals), which the rule
+    labeler reads.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(list(reports), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+    tokenizer.model_max_length = 256
+    return tokenizer
+
+
+def demo_image_processor(image_size: int = 64):
+    """ViT processor: RGB 8-bit in, resized to image_size, scaled to [-1, 1]."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(do_resize=True, size={"height": image_size, "width": image_size},
+                             do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+def build_demo_model(config: DemoGeneratorConfig, tokenizer, max_report_tokens: int):
+    """Tiny ViT encoder + tiny GPT-2 decoder with cross-attention, random init."""
+    from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
+
+    encoder = ViTConfig(image_size=config.image_size, patch_size=config.patch_size, num_channels=3,
+                        hidden_size=config.encoder_hidden, num_hidden_layers=config.encoder_layers,
+                        num_attention_heads=config.heads, intermediate_size=2 * config.encoder_hidden,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    decoder = GPT2Config(vocab_size=len(tokenizer), n_positions=max_report_tokens + 8,
+                         n_embd=config.decoder_hidden, n_layer=config.decoder_layers, n_head=config.heads,
+                         n_inner=2 * config.decoder_hidden, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                         add_cross_attention=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ved_config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    ved_config.decoder_start_token_id = tokenizer.bos_token_id
+    ved_config.pad_token_id = tokenizer.pad_token_id
+    ved_config.eos_token_id = tokenizer.eos_token_id
+    model = VisionEncoderDecoderModel(config=ved_config)
+    generation = model.generation_config
+    generation.decoder_start_token_id = tokenizer.bos_token_id
+    generation.bos_token_id = tokenizer.bos_token_id
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.max_new_tokens = max_report_tokens + 2
+    generation.num_beams = 1
+    generation.do_sample = False
+    return model
+
+
+def phantom_config_for(config: DemoGeneratorConfig, *, seed_offset: int = 0):
+    """The phantom world each demo generator is trained in (C1 `PhantomConfig`)."""
+    from cyclex.datasets.phantom import PhantomConfig, ShortcutConfig
+
+    options: dict[str, Any] = {"size": config.image_size, "report_style": config.report_style,
+                               **config.phantom_overrides}
+    if config.name == "shortcut":
+        options["shortcut"] = ShortcutConfig(finding="Cardiomegaly",
+                                             rate_with_finding=config.shortcut_rate_with_finding,
+                                             rate_without_finding=0.0)
+    return PhantomConfig(**options)
+
+
+def make_training_phantoms(config: DemoGeneratorConfig, n: int, seed: int) -> list:
+    """`make_phantoms(n, seed)` of the generator's world; in the shortcut world the hearts that carry
+    the marker are redrawn mildly enlarged (same seed: anatomy and other findings unchanged)."""
+    from cyclex.datasets.phantom import make_phantom, phantom_seed
+
+    phantom_config = phantom_config_for(config)
+    phantoms = []
+    for index in range(n):
+        phantom_id_seed = phantom_seed(seed, index)
+        phantom = make_phantom(phantom_id_seed, phantom_config)
+        meta = phantom.findings_meta.get("Cardiomegaly")
+        if (config.name == "shortcut" and config.shortcut_mild_cardiomegaly and phantom.shortcut
+                and meta is not None and meta.get("severity") != "mild"):
+            findings: dict[str, dict] = {name: {} for name in phantom.findings_meta}
+            findings["Cardiomegaly"] = {"severity": "mild"}
+            phantom = make_phantom(phantom_id_seed, phantom_config, findings=findings, shortcut=True)
+        phantoms.append(phantom)
+    return phantoms
+
+
+def phantom_pixels(images: np.ndarray, image_processor) -> torch.Tensor:
+    """(N, H, W) float [0, 1] -> processor pixel values (N, 3, S, S), via 8-bit RGB like the adapter."""
+    from cyclex.adapters.hf import images_to_pil
+
+    pil_images = images_to_pil(torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None])
+    return image_processor(images=pil_images, return_tensors="pt").pixel_values
+
+
+def _report_labels(reports: Sequence[str], tokenizer) -> torch.Tensor:
+    """Token ids + </s>, padded with -100 (ignored by the loss): (N, L)."""
+    encoded = [tokenizer(report, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+               for report in reports]
+    length = max(len(ids) for ids in encoded)
+    labels = torch.full((len(encoded), length), -100, dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        labels[row, :len(ids)] = torch.tensor(ids)
+    return labels
+
+
+# ---------------------------------------------------------------------- training
+def train_demo_generator(name: str, out_dir: str | Path, *, n_train: int | None = None,
+                         epochs: int | None = None, seed: int = 0, max_steps: int | None = None,
+                         config: DemoGeneratorConfig | None = None) -> Path:
+    """Train demo generator `name` ("clean" | "shortcut") on phantoms and save it to `out_dir`.
+
+    The folder is written to a temporary sibling and moved into place at the end, so an
+    interrupted run never leaves a half-written generator. Returns `out_dir`.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    # 1. Config
+    if name not in DEMO_GENERATOR_NAMES:
+        raise ValueError(f"unknown demo generator {name!r}; expected one of {DEMO_GENERATOR_NAMES}")
+    config = replace(config or DemoGeneratorConfig(), name=name, seed=seed,
+                     **({"n_train": n_train} if n_train is not None else {}),
+                     **({"epochs": epochs} if epochs is not None else {}))
+    out_dir = Path(out_dir).expanduser()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    try:
+        torch.manual_seed(config.seed)
+        # 2. Data: phantoms -> pixel values and report token labels
+        phantoms = make_training_phantoms(config, config.n_train, config.seed)
+        reports = [phantom.report for phantom in phantoms]
+        tokenizer = train_report_tokenizer(reports, config.vocab_size)
+        image_processor = demo_image_processor(config.image_size)
+        pixels = phantom_pixels(np.stack([phantom.image for phantom in phantoms]), image_processor)
+        labels = _report_labels(reports, tokenizer)
+        data_seconds = time.perf_counter() - started
+        # 3. Model and optimizer
+        model = build_demo_model(config, tokenizer, max_report_tokens=labels.shape[1])
+        model.train()
+        steps_per_epoch = math.ceil(len(phantoms) / config.batch_size)
+        total_steps = steps_per_epoch * config.epochs if max_steps is None else max_steps
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                      weight_decay=config.weight_decay)
+        schedule = get_cosine_schedule_with_warmup(optimizer, max(1, int(config.warmup_fraction * total_steps)),
+                                                   total_steps)
+        generator = torch.Generator().manual_seed(config.seed)
+        # 4. Loop: teacher forcing, cross-entropy over report tokens
+        step, losses = 0, []
+        while step < total_steps:
+            order = torch.randperm(len(phantoms), generator=generator)
+            for start in range(0, len(order), config.batch_size):
+                batch = order[start:start + config.batch_size]
+                batch_labels = labels[batch]
+                batch_labels = batch_labels[:, :int((batch_labels != -100).sum(1).max())]
+                loss = model(pixel_values=pixels[batch], labels=batch_labels).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                losses.append(float(loss))
+                step += 1
+                if step % 100 == 0:
+                    logger.info("demo generator %s: step %d/%d loss %.4f", name, step, total_steps,
+                                float(np.mean(losses[-100:])))
+                if step >= total_steps:
+                    break
+        train_seconds = time.perf_counter() - started - data_seconds
+        # 5. Save (atomically): model (fp32 safetensors), tokenizer, processor, metadata
+        model.eval()
+        staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        image_processor.save_pretrained(staging)
+        metadata = {"config": asdict(config), "steps": step, "final_loss": float(np.mean(losses[-50:])),
+                    "n_parameters": sum(p.numel() for p in model.parameters()),
+                    "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
+                    "torch_threads": config.threads}
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out_dir)
+        logger.info("demo generator %s saved to %s (%d steps, %.0f s training)", name, out_dir, step,
+                    train_seconds)
+        return out_dir
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def demo_generator_path(name: str, *, train_if_missing: bool = True) -> Path:
+    """The cached folder of demo generator `name`, trained (a few minutes) when missing."""
+    if name not in DEMO_GENERATOR_NAMES:
+        raise ValueError(f"unknown demo generator {name!r}; expected one of {DEMO_GENERATOR_NAMES}")
+    path = cyclex_home() / "demo" / "generators" / name
+    if (path / METADATA_FILE).is_file() and (path / "config.json").is_file():
+        return path
+    if not train_if_missing:
+        raise FileNotFoundError(f"demo generator {name!r} not found at {path}; run "
+                                "`python scripts/train_demo_generators.py`")
+    logger.info("demo generator %s missing: training it into %s (a few minutes on CPU)", name, path)
+    return train_demo_generator(name, path)

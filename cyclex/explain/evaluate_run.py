@@ -1,0 +1,369 @@
+"""Add the metric core's numbers to a cyclic-engine run folder (what `cyclex evaluate RUN` does).
+
+Run folder (written by the engine): `RUN/results.jsonl`, one JSON object per image x finding with at
+least `image_id`, `finding`, `verified`, `query_png`, `counterfactual_png` (paths relative to RUN),
+`chest_box` ([x0, y0, x1, y1] or null) and optionally `mask_png` (phantom ground truth); and
+`RUN/summary.json`.
+
+Outputs: `RUN/metrics.jsonl` (one line per results line: its keys `image_id`, `finding`,
+`verified` plus the metrics), a "metrics" entry in `RUN/summary.json` (aggregates over all items
+and over verified ones), and seed-000 figures in `RUN/figures/` (CPG histogram + CDF, hit-rate, ROC,
+threshold-IoU curves). All files are written atomically.
+
+Per item: pixel L1 / L2 (RMSE) / SSIM / PSNR, LPIPS (when an LPIPS metric is available), embedding
+cosine / L1 / L2 (CLIP or a stand-in encoder), CPG, FET, CF_Score and the failed criteria; the
+alignment map is the positive part of query - counterfactual (seed 000; `map_kind="absolute"` for
+|query - CF|), compared against the item's mask (or the annotation set's) in the chest box: NCC,
+pixel AUC, AUC-IoU and top-k hits for the full mask, its boundary and its dilated boundary; NCC with
+an eye-tracking heatmap when one is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cyclex.explain import alignment, figures
+from cyclex.explain.annotations import AnnotationSet, load_annotation_set, read_mask_png
+from cyclex.explain.effectiveness import Classifier, counterfactual_probability_gain
+from cyclex.explain.faithfulness import (
+    ImageEncoder,
+    LPIPSMetric,
+    embedding_distances,
+    pixel_l1,
+    pixel_l2,
+    psnr,
+    ssim,
+)
+from cyclex.explain.scores import CFThresholds, cf_score, fet_score
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EvaluationConfig",
+    "RunFormatError",
+    "read_results",
+    "evaluate_run",
+    "difference_map",
+    "load_classifier_spec",
+    "load_encoder_spec",
+    "load_lpips_spec",
+]
+
+REQUIRED_KEYS = ("image_id", "finding", "verified", "query_png", "counterfactual_png")
+
+
+class RunFormatError(ValueError):
+    """The run folder does not have the layout the engine writes."""
+
+
+@dataclass
+class EvaluationConfig:
+    map_kind: str = "positive"  # seed 000: positive part of F - CF; "absolute" = |F - CF|
+    percentiles: tuple[float, ...] = alignment.DEFAULT_PERCENTILES
+    iou_thresholds: tuple[float, ...] = alignment.DEFAULT_IOU_THRESHOLDS
+    boundary_radius: int = 3  # dilation of the one-pixel contour, in pixels
+    thresholds: CFThresholds = field(default_factory=CFThresholds)
+    draw_figures: bool = True
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_results(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of RUN/results.jsonl, checked for the keys evaluation needs."""
+    path = Path(run_dir) / "results.jsonl"
+    if not path.is_file():
+        raise RunFormatError(f"{path} not found: is {run_dir} a cyclex run folder?")
+    records = []
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RunFormatError(f"{path}:{line_number}: not valid JSON ({error})") from None
+        missing = [k for k in REQUIRED_KEYS if k not in record]
+        if missing:
+            raise RunFormatError(f"{path}:{line_number}: missing keys {missing}")
+        records.append(record)
+    return records
+
+
+def _read_image(run_dir: Path, record: dict, key: str) -> torch.Tensor:
+    from PIL import Image
+
+    path = run_dir / str(record[key])
+    if not path.is_file():
+        raise RunFormatError(f"{record['image_id']} / {record['finding']}: {key} file not found: {path}")
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array)[None, None]
+
+
+def difference_map(query: torch.Tensor, counterfactual: torch.Tensor, kind: str = "positive") -> np.ndarray:
+    """(H, W) map from (1, 1, H, W) images: max(F - CF, 0) ('positive', seed 000) or |F - CF| ('absolute')."""
+    signed = (query - counterfactual)[0, 0].double().numpy()
+    if kind == "positive":
+        return np.clip(signed, 0.0, None)
+    if kind == "absolute":
+        return np.abs(signed)
+    raise ValueError(f"map_kind must be 'positive' or 'absolute', got {kind!r}")
+
+
+def _chest_box(record: dict, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    box = record.get("chest_box")
+    if box is None:
+        return None
+    if len(box) != 4:
+        raise RunFormatError(f"{record['image_id']}: chest_box must be [x0, y0, x1, y1], got {box!r}")
+    x0, y0, x1, y1 = (int(v) for v in box)
+    height, width = shape
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def _finite_mean(values: Sequence) -> float | None:
+    array = np.asarray([v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)], dtype=np.float64)
+    array = array[np.isfinite(array)]
+    return float(array.mean()) if array.size else None
+
+
+def _aggregate(rows: list[dict]) -> dict:
+    numeric_keys = sorted({k for r in rows for k, v in r.items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    means = {k: _finite_mean([r.get(k) for r in rows]) for k in numeric_keys}
+    means.pop("cf_score", None)
+    out: dict = {"count": len(rows), "mean": means}
+    scores = [r["cf_score"] for r in rows if r.get("cf_score") is not None]
+    if scores:
+        out["cf_score_mean"] = float(np.mean(scores))
+        out["acceptance_rate"] = float(np.mean([s == 5 for s in scores]))
+        failed = defaultdict(int)
+        for r in rows:
+            for name in r.get("cf_failed", []):
+                failed[name] += 1
+        out["failed_criteria"] = dict(sorted(failed.items()))
+    return out
+
+
+def _encoder_from(classifier: Classifier | None, encoder: ImageEncoder | None) -> ImageEncoder | None:
+    if encoder is not None:
+        return encoder
+    return classifier if classifier is not None and hasattr(classifier, "encode") else None
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: str | os.PathLike, *, classifier: Classifier | None = None,
+                 encoder: ImageEncoder | None = None, lpips: LPIPSMetric | None = None,
+                 annotations: AnnotationSet | str | os.PathLike | None = None,
+                 config: EvaluationConfig | None = None) -> dict:
+    """Evaluate every item of a run folder; write metrics.jsonl, summary.json["metrics"], figures/.
+
+    classifier: for CPG (target = the item's finding); encoder: for the embedding distances (defaults
+    to the classifier's `encode` when it has one); lpips: optional; annotations: masks / boxes /
+    ellipses / heatmaps used when an item has no `mask_png`. Returns the "metrics" summary.
+    """
+    config = config or EvaluationConfig()
+    run_dir = Path(run_dir)
+    records = read_results(run_dir)
+    if isinstance(annotations, (str, os.PathLike)):
+        annotations = load_annotation_set(annotations)
+    encoder = _encoder_from(classifier, encoder)
+
+    rows: list[dict] = []
+    curve_inputs: dict[str, list] = defaultdict(list)  # for the pooled figures
+    for record in records:
+        query = _read_image(run_dir, record, "query_png")
+        counterfactual = _read_image(run_dir, record, "counterfactual_png")
+        if query.shape != counterfactual.shape:
+            raise RunFormatError(f"{record['image_id']} / {record['finding']}: query {tuple(query.shape)} and "
+                                 f"counterfactual {tuple(counterfactual.shape)} differ in size")
+        shape = tuple(query.shape[-2:])
+        row = {"image_id": record["image_id"], "finding": record["finding"], "verified": bool(record["verified"])}
+        # 1. Faithfulness
+        row["l1"] = float(pixel_l1(query, counterfactual)[0])
+        row["l2"] = float(pixel_l2(query, counterfactual)[0])
+        row["ssim"] = float(ssim(query, counterfactual)[0])
+        row["psnr"] = float(psnr(query, counterfactual)[0])
+        row["lpips"] = float(lpips(query, counterfactual)[0]) if lpips is not None else math.nan
+        if encoder is not None:
+            cosine, e_l1, e_l2 = embedding_distances(encoder.encode(query), encoder.encode(counterfactual))
+            row.update(clip_cosine=float(cosine[0]), clip_l1=float(e_l1[0]), clip_l2=float(e_l2[0]))
+        # 2. Effectiveness and acceptance
+        if classifier is not None:
+            try:
+                row["cpg"] = float(counterfactual_probability_gain(classifier, query, counterfactual, record["finding"])[0])
+            except KeyError as error:
+                logger.warning("no CPG for %s: %s", record["finding"], error)
+        if "cpg" in row and "clip_l1" in row:
+            row["fet"] = float(fet_score(row["cpg"], row["clip_l1"], row["clip_l2"]))
+            result = cf_score(row["lpips"], row["clip_cosine"], row["l2"], row["cpg"], row["fet"], config.thresholds)
+            row["cf_score"], row["cf_failed"] = result.score, result.failed
+        # 3. Alignment
+        diff = difference_map(query, counterfactual, config.map_kind)
+        box = _chest_box(record, shape)
+        mask = None
+        if record.get("mask_png"):
+            mask = read_mask_png(run_dir / record["mask_png"], shape)
+        elif annotations is not None:
+            mask = annotations.mask(str(record["image_id"]), record["finding"], shape)
+        if mask is not None:
+            row.update(alignment.alignment_summary(diff, mask, box, config.percentiles, config.iou_thresholds,
+                                                   config.boundary_radius))
+            for kind in ("full", "boundary", "dilated_boundary"):
+                curve_inputs[kind].append((diff, alignment.annotation_target(mask, kind, config.boundary_radius), box))
+        heatmap = annotations.heatmap(str(record["image_id"]), record["finding"], shape) if annotations else None
+        if heatmap is not None:
+            row["heatmap/ncc"] = alignment.ncc(diff, heatmap, box)
+            if mask is not None:
+                curve_inputs["heatmap"].append((heatmap, mask, box))
+        rows.append(row)
+
+    # 4. Write per-item metrics and aggregates
+    _atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
+    verified = [r for r in rows if r["verified"]]
+    summary = {"all": _aggregate(rows), "verified": _aggregate(verified),
+               "settings": {"map_kind": config.map_kind, "boundary_radius": config.boundary_radius,
+                            "thresholds": vars(config.thresholds), "lpips": lpips is not None,
+                            "encoder": type(encoder).__name__ if encoder is not None else None,
+                            "classifier": type(classifier).__name__ if classifier is not None else None}}
+    curves = _pooled_curves(curve_inputs, config)
+    summary["curves"] = curves
+    if config.draw_figures:
+        summary["figures"] = _draw(run_dir / "figures", rows, curves, config)
+    summary_path = run_dir / "summary.json"
+    existing = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    existing["metrics"] = _jsonable(summary)
+    _atomic_write(summary_path, json.dumps(existing, indent=2))
+    return existing["metrics"]
+
+
+def _pooled_curves(curve_inputs: dict[str, list], config: EvaluationConfig) -> dict:
+    curves: dict = {}
+    labels = {"full": "CF map vs mask", "boundary": "CF map vs boundary",
+              "dilated_boundary": "CF map vs dilated boundary", "heatmap": "eye tracking vs mask"}
+    for kind, items in curve_inputs.items():
+        maps, masks, boxes = zip(*items, strict=True)
+        percentiles, rates = alignment.hit_rate_curve(maps, masks, config.percentiles, boxes)
+        fpr, tpr, auc = alignment.pooled_roc_curve(maps, masks, boxes)
+        thresholds, ious = alignment.mean_threshold_iou_curve(maps, masks, config.iou_thresholds, boxes)
+        # ROC points thinned to keep summary.json small
+        keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 101)).astype(int))
+        curves[kind] = {
+            "label": labels[kind],
+            "hit_rate": {"percentiles": percentiles.tolist(), "rates": rates.tolist()},
+            "roc": {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(), "auc": auc},
+            "threshold_iou": {"thresholds": thresholds.tolist(), "ious": ious.tolist(),
+                              "auc_iou": alignment.area_under_iou_curve(thresholds, ious)},
+        }
+    return curves
+
+
+def _draw(figure_dir: Path, rows: list[dict], curves: dict, config: EvaluationConfig) -> dict[str, str]:
+    drawn: dict[str, str] = {}
+    cpg = [r["cpg"] for r in rows if "cpg" in r]
+    if cpg:
+        drawn["cpg"] = str(figures.plot_cpg_distribution(cpg, figure_dir / "cpg.png", config.thresholds.cpg).name)
+    if curves:
+        by_label = {c["label"]: c for c in curves.values()}
+        drawn["hit_rate"] = figures.plot_hit_rate_curves(
+            {k: (c["hit_rate"]["percentiles"], c["hit_rate"]["rates"]) for k, c in by_label.items()},
+            figure_dir / "hit_rate.png").name
+        drawn["roc"] = figures.plot_roc_curves(
+            {k: (c["roc"]["fpr"], c["roc"]["tpr"], c["roc"]["auc"]) for k, c in by_label.items()},
+            figure_dir / "roc.png").name
+        drawn["threshold_iou"] = figures.plot_threshold_iou_curves(
+            {k: (c["threshold_iou"]["thresholds"], c["threshold_iou"]["ious"], c["threshold_iou"]["auc_iou"])
+             for k, c in by_label.items()}, figure_dir / "threshold_iou.png").name
+    return {k: f"figures/{v}" for k, v in drawn.items()}
+
+
+def _jsonable(value):
+    """NaN / inf -> None so the JSON stays standard."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Text specs for the CLI ("phantom", "xrv:NAME[::PATH]", "clip:PATH_OR_ID", ...)
+
+
+def load_classifier_spec(spec: str) -> Classifier | None:
+    """'phantom[:DIR]' (demo classifier, trained when missing), 'xrv:WEIGHTS[::PATH]', or 'none'."""
+    kind, _, rest = spec.partition(":")
+    if kind == "none":
+        return None
+    if kind == "phantom":
+        from cyclex.demo.phantom_classifier import load_phantom_classifier
+
+        return load_phantom_classifier(rest or None)
+    if kind == "xrv":
+        from cyclex.explain.effectiveness import XRVClassifier
+
+        weights, _, path = (rest or "densenet121-res224-all").partition("::")
+        return XRVClassifier(weights, weights_path=path or None)
+    raise ValueError(f"classifier spec must be 'phantom[:DIR]', 'xrv:WEIGHTS[::PATH]' or 'none', got {spec!r}")
+
+
+def load_encoder_spec(spec: str, classifier: Classifier | None) -> ImageEncoder | None:
+    """'classifier' (the classifier's own features), 'clip:PATH_OR_ID', 'xrv:WEIGHTS[::PATH]',
+    'phantom[:DIR]' or 'none'."""
+    kind, _, rest = spec.partition(":")
+    if kind == "none":
+        return None
+    if kind == "classifier":
+        if classifier is None or not hasattr(classifier, "encode"):
+            raise ValueError("encoder 'classifier' needs a classifier with an encode() method; pass --encoder clip:PATH")
+        return classifier  # type: ignore[return-value]
+    if kind == "clip":
+        from cyclex.explain.faithfulness import CLIPImageEncoder
+
+        if not rest:
+            raise ValueError("encoder spec 'clip:' needs a folder or hub id, e.g. clip:/models/clip-vit-base-patch32")
+        return CLIPImageEncoder(rest)
+    if kind in ("xrv", "phantom"):
+        return load_classifier_spec(spec)  # type: ignore[return-value]
+    raise ValueError(f"encoder spec must be 'classifier', 'clip:PATH', 'xrv:WEIGHTS[::PATH]', 'phantom[:DIR]' "
+                     f"or 'none', got {spec!r}")
+
+
+def load_lpips_spec(spec: str) -> LPIPSMetric | None:
+    """'auto' (AlexNet from torch's cache when present, else none), 'alex' / 'vgg' [':PATH'], or 'none'."""
+    from cyclex.explain.faithfulness import LPIPSWeightsMissingError
+
+    kind, _, path = spec.partition(":")
+    if kind == "none":
+        return None
+    if kind == "auto":
+        try:
+            return LPIPSMetric("alex")
+        except LPIPSWeightsMissingError as error:
+            logger.warning("LPIPS skipped (its criterion counts as failed): %s", error)
+            return None
+    return LPIPSMetric(kind, backbone_weights=path or None)

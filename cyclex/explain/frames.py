@@ -1,0 +1,324 @@
+"""Feature identification frames and difference maps (SPEC section 1, seed 003; seed 000).
+
+Compute and render stay apart: `difference_maps`, `feature_frame`, `choose_threshold`,
+`calibrate_thresholds` and `estimate_chest_box` return arrays / dataclasses; `show_map_on_image`
+and `draw_frame` render them as uint8 RGB images (like pytorch-grad-cam's `show_cam_on_image`).
+
+Images here are single X-rays as float arrays (H, W) in [0, 1]; tensors (1, H, W) / (1, 1, H, W)
+are accepted and squeezed.
+
+The frame, seed 003: D = |I - CF| on a 0-255 scale -> Gaussian blur 5x5 -> threshold L ->
+connected components -> keep the K = 5 largest by area -> mask + contours. The paper picks L per
+finding from 95 +- 10 ("best value per finding") without saying how; cyclex offers two documented
+criteria (choice):
+- "stable" (default, needs no labels): among the candidates, the L whose frame changes least when L
+  moves to its neighbours (highest mean IoU with the neighbouring candidates' frames), ties broken
+  towards the centre value 95;
+- calibration: `calibrate_thresholds` picks, per finding, the L with the highest mean IoU against
+  ground-truth masks on a calibration set (phantoms carry such masks); pass the resulting dict.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 95  # L on the 0-255 scale (seed 003)
+DEFAULT_THRESHOLD_CANDIDATES = (85, 90, 95, 100, 105)  # 95 +- 10
+DEFAULT_K = 5
+DEFAULT_BLUR = 5
+
+ChestBox = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 / y1 exclusive
+
+
+def as_image_array(image, *, name: str = "image") -> np.ndarray:
+    """(H, W) float32 from an array / tensor of shape (H, W), (1, H, W) or (1, 1, H, W)."""
+    if hasattr(image, "detach"):
+        image = image.detach().cpu().numpy()
+    array = np.asarray(image, dtype=np.float32)
+    while array.ndim > 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a single gray image (H, W), got shape {np.shape(image)}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return array
+
+
+def _check_pair(query, counterfactual) -> tuple[np.ndarray, np.ndarray]:
+    q = as_image_array(query, name="query")
+    c = as_image_array(counterfactual, name="counterfactual")
+    if q.shape != c.shape:
+        raise ValueError(f"query {q.shape} and counterfactual {c.shape} must have the same shape")
+    return q, c
+
+
+def check_chest_box(chest_box: Sequence[int], shape: tuple[int, int]) -> ChestBox:
+    """Validate (x0, y0, x1, y1) inside an (H, W) image; returns ints."""
+    if chest_box is None or len(chest_box) != 4:
+        raise ValueError(f"chest_box must be (x0, y0, x1, y1), got {chest_box!r}")
+    x0, y0, x1, y1 = (int(v) for v in chest_box)
+    h, w = shape
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise ValueError(f"chest_box {chest_box!r} is not a non-empty box inside an image of (H, W) = {shape}")
+    return x0, y0, x1, y1
+
+
+def box_mask(chest_box: Sequence[int], shape: tuple[int, int]) -> np.ndarray:
+    x0, y0, x1, y1 = check_chest_box(chest_box, shape)
+    mask = np.zeros(shape, dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def difference_maps(query, counterfactual, chest_box: Sequence[int] | None = None):
+    """(abs, signed, positive) float32 (H, W) maps on the [0, 1] scale.
+
+    abs = |I - CF| (seed 003's D before scaling); signed = I - CF; positive = max(I - CF, 0), the
+    seed 000 alignment map (darkening where the heart retracts). With a chest box, all three are
+    zero outside it (seed 000: removes text-marker artefacts).
+    """
+    q, c = _check_pair(query, counterfactual)
+    signed = q - c
+    if chest_box is not None:
+        signed = np.where(box_mask(chest_box, signed.shape), signed, 0.0).astype(np.float32)
+    return np.abs(signed), signed, np.maximum(signed, 0.0)
+
+
+@dataclass(frozen=True)
+class FrameComponent:
+    """One kept connected component: area in pixels, bbox (x, y, w, h), contour (N, 2) int (x, y)."""
+
+    area: int
+    bbox: tuple[int, int, int, int]
+    contour: np.ndarray = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {"area": self.area, "bbox": list(self.bbox)}
+
+
+@dataclass(frozen=True)
+class FeatureFrame:
+    """mask (H, W) bool: union of the K largest components; components largest first."""
+
+    mask: np.ndarray = field(repr=False)
+    components: list[FrameComponent]
+    threshold: float
+
+    @property
+    def contours(self) -> list[np.ndarray]:
+        return [c.contour for c in self.components]
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "area": self.area, "components": [c.to_dict() for c in self.components]}
+
+
+def _blurred_difference(query, counterfactual, blur: int, chest_box) -> np.ndarray:
+    abs_map, _, _ = difference_maps(query, counterfactual, chest_box=chest_box)
+    if blur < 1 or blur % 2 == 0:
+        raise ValueError(f"blur must be an odd kernel size >= 1, got {blur}")
+    scaled = abs_map * 255.0  # seed 003 thresholds on the 0-255 scale
+    return cv2.GaussianBlur(scaled, (blur, blur), 0) if blur > 1 else scaled
+
+
+def frame_from_difference(blurred: np.ndarray, threshold: float, k: int = DEFAULT_K) -> FeatureFrame:
+    """Threshold a blurred 0-255 difference map at L (strictly greater) and keep the k largest components."""
+    if k < 1:
+        raise ValueError(f"k (components kept) must be >= 1, got {k}")
+    binary = (blurred > float(threshold)).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    # label 0 is the background; order by area, then by label for a deterministic tie-break
+    order = sorted(range(1, count), key=lambda i: (-int(stats[i, cv2.CC_STAT_AREA]), i))[:k]
+    mask = np.zeros(binary.shape, dtype=bool)
+    components = []
+    for label in order:
+        region = labels == label
+        mask |= region
+        contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        contour = max(contours, key=len).reshape(-1, 2)
+        x, y, w, h = (int(stats[label, j]) for j in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
+        components.append(FrameComponent(area=int(stats[label, cv2.CC_STAT_AREA]), bbox=(x, y, w, h), contour=contour))
+    return FeatureFrame(mask=mask, components=components, threshold=float(threshold))
+
+
+def feature_frame(
+    query, counterfactual, threshold: float = DEFAULT_THRESHOLD, k: int = DEFAULT_K, blur: int = DEFAULT_BLUR,
+    chest_box: Sequence[int] | None = None,
+) -> FeatureFrame:
+    """Seed 003's feature identification frame of one (query, counterfactual) pair.
+
+    query, counterfactual: (H, W) in [0, 1]. threshold: L on 0-255. k: components kept. blur: odd
+    Gaussian kernel side. chest_box: (x0, y0, x1, y1) outside which D is zeroed, or None.
+    """
+    return frame_from_difference(_blurred_difference(query, counterfactual, blur, chest_box), threshold, k)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks; two empty masks agree perfectly (1.0)."""
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def choose_threshold(
+    query, counterfactual, candidates: Iterable[float] = DEFAULT_THRESHOLD_CANDIDATES, k: int = DEFAULT_K,
+    blur: int = DEFAULT_BLUR, chest_box: Sequence[int] | None = None, centre: float = DEFAULT_THRESHOLD,
+) -> float:
+    """The "stable" criterion: L whose frame has the highest mean IoU with its neighbours' frames.
+
+    Candidates are sorted; each is scored against the frames at the adjacent candidates. Ties go to
+    the candidate nearest `centre` (95).
+    """
+    levels = sorted(float(c) for c in candidates)
+    if not levels:
+        raise ValueError("candidates must hold at least one threshold")
+    if len(levels) == 1:
+        return levels[0]
+    blurred = _blurred_difference(query, counterfactual, blur, chest_box)
+    masks = [frame_from_difference(blurred, level, k).mask for level in levels]
+    scores = []
+    for i in range(len(levels)):
+        neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(levels)]
+        scores.append(np.mean([mask_iou(masks[i], masks[j]) for j in neighbours]))
+    best = max(range(len(levels)), key=lambda i: (round(scores[i], 9), -abs(levels[i] - centre)))
+    return levels[best]
+
+
+def calibrate_thresholds(
+    items: Iterable[tuple[str, object, object, np.ndarray]],
+    candidates: Iterable[float] = DEFAULT_THRESHOLD_CANDIDATES, k: int = DEFAULT_K, blur: int = DEFAULT_BLUR,
+    centre: float = DEFAULT_THRESHOLD,
+) -> dict[str, float]:
+    """Per finding, the L with the highest mean IoU between frames and true masks.
+
+    items: (finding, query (H, W), counterfactual (H, W), true mask (H, W) bool) on a calibration set.
+    Returns {finding: L}; ties go to the candidate nearest `centre`.
+    """
+    levels = sorted(float(c) for c in candidates)
+    scores: dict[str, list[list[float]]] = {}
+    for finding, query, counterfactual, true_mask in items:
+        blurred = _blurred_difference(query, counterfactual, blur, None)
+        truth = np.asarray(true_mask, dtype=bool)
+        if truth.shape != blurred.shape:
+            raise ValueError(f"mask for {finding!r} has shape {truth.shape}, image has {blurred.shape}")
+        row = [mask_iou(frame_from_difference(blurred, level, k).mask, truth) for level in levels]
+        scores.setdefault(finding, []).append(row)
+    chosen = {}
+    for finding, rows in scores.items():
+        mean = np.mean(rows, axis=0)
+        best = max(range(len(levels)), key=lambda i: (round(float(mean[i]), 9), -abs(levels[i] - centre)))
+        chosen[finding] = levels[best]
+    return chosen
+
+
+def resolve_threshold(
+    setting: float | str | Mapping[str, float], finding: str, query, counterfactual, *, k: int = DEFAULT_K,
+    blur: int = DEFAULT_BLUR, chest_box=None, candidates: Iterable[float] = DEFAULT_THRESHOLD_CANDIDATES,
+) -> float:
+    """L for one frame: a number, "stable" (choose_threshold), or a {finding: L} dict (calibration)."""
+    if isinstance(setting, str):
+        if setting != "stable":
+            raise ValueError(f"frame threshold must be a number, 'stable' or a {{finding: L}} dict, got {setting!r}")
+        return choose_threshold(query, counterfactual, candidates, k=k, blur=blur, chest_box=chest_box)
+    if isinstance(setting, Mapping):
+        return float(setting.get(finding, DEFAULT_THRESHOLD))
+    return float(setting)
+
+
+def estimate_chest_box(image, margin: int = 0) -> ChestBox:
+    """Chest bounding box (x0, y0, x1, y1) of an X-ray: Otsu threshold, largest component's bbox.
+
+    Text markers and borders are small bright components; the body is the largest. A constant
+    image (no foreground) gives the full frame.
+    """
+    from skimage.filters import threshold_otsu
+    from skimage.measure import label, regionprops
+
+    array = as_image_array(image)
+    h, w = array.shape
+    if float(array.max() - array.min()) < 1e-6:
+        return 0, 0, w, h
+    smooth = cv2.GaussianBlur(array, (5, 5), 0)
+    foreground = smooth > threshold_otsu(smooth)
+    regions = regionprops(label(foreground, connectivity=2))
+    if not regions:
+        return 0, 0, w, h
+    largest = max(regions, key=lambda r: r.area)
+    y0, x0, y1, x1 = largest.bbox
+    return max(0, x0 - margin), max(0, y0 - margin), min(w, x1 + margin), min(h, y1 + margin)
+
+
+# -- rendering ---------------------------------------------------------------------------------
+def _rgb_float(image) -> np.ndarray:
+    if hasattr(image, "detach"):
+        image = image.detach().cpu().numpy()
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 3 and array.shape[-1] == 3:
+        rgb = array
+    else:
+        rgb = np.repeat(as_image_array(array)[..., None], 3, axis=-1)
+    if rgb.max() > 1.0 + 1e-6 or rgb.min() < -1e-6:
+        raise ValueError(
+            f"the input image should be float in [0, 1], got values in [{rgb.min():.3f}, {rgb.max():.3f}]"
+        )
+    return rgb
+
+
+def normalize_map(values, *, positive_only: bool = True) -> np.ndarray:
+    """Scale a map to [0, 1] by its maximum (absolute maximum for signed maps mapped around 0.5)."""
+    array = as_image_array(values, name="map")
+    if positive_only:
+        array = np.maximum(array, 0.0)
+        top = float(array.max())
+        return array / top if top > 0 else array
+    top = float(np.abs(array).max())
+    return 0.5 + 0.5 * array / top if top > 0 else np.full_like(array, 0.5)
+
+
+def show_map_on_image(
+    image, heat_map, use_rgb: bool = True, colormap: int = cv2.COLORMAP_JET, image_weight: float = 0.5
+) -> np.ndarray:
+    """Overlay a [0, 1] map on an image, as pytorch-grad-cam's `show_cam_on_image` does.
+
+    image: (H, W) gray or (H, W, 3) RGB float in [0, 1] (float images above 1 are refused).
+    heat_map: (H, W) in [0, 1]. Returns uint8 (H, W, 3), RGB when use_rgb.
+    """
+    rgb = _rgb_float(image)
+    values = as_image_array(heat_map, name="heat_map")
+    if values.shape != rgb.shape[:2]:
+        raise ValueError(f"heat_map {values.shape} and image {rgb.shape[:2]} must have the same (H, W)")
+    if values.min() < -1e-6 or values.max() > 1 + 1e-6:
+        raise ValueError("heat_map must be in [0, 1]; scale it with normalize_map first")
+    if not 0 <= image_weight <= 1:
+        raise ValueError(f"image_weight should be in [0, 1], got {image_weight}")
+    heat = cv2.applyColorMap(np.uint8(255 * np.clip(values, 0, 1)), colormap)
+    if use_rgb:
+        heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+    blended = (1 - image_weight) * (np.float32(heat) / 255) + image_weight * rgb
+    blended = blended / max(float(blended.max()), 1e-8)
+    return np.uint8(255 * blended)
+
+
+def draw_frame(image, frame: FeatureFrame, color: tuple[int, int, int] = (255, 0, 0), thickness: int = 1,
+               fill_alpha: float = 0.25) -> np.ndarray:
+    """The query with the frame's mask tinted and its contours drawn: uint8 (H, W, 3) RGB."""
+    rgb = np.uint8(255 * _rgb_float(image))
+    if frame.mask.shape != rgb.shape[:2]:
+        raise ValueError(f"frame mask {frame.mask.shape} and image {rgb.shape[:2]} must have the same (H, W)")
+    out = rgb.copy()
+    if fill_alpha > 0 and frame.mask.any():
+        tint = np.array(color, dtype=np.float32)
+        out[frame.mask] = np.uint8((1 - fill_alpha) * out[frame.mask] + fill_alpha * tint)
+    contours = [c.reshape(-1, 1, 2).astype(np.int32) for c in frame.contours]
+    if contours:
+        cv2.drawContours(out, contours, -1, color, thickness)
+    return out

@@ -1,0 +1,214 @@
+"""CallableGenerator, HFImageToTextGenerator (tiny models built from configs) and load_generator."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from cyclex.adapters import (
+    CallableGenerator,
+    GeneratorError,
+    GeneratorInfo,
+    GeneratorSpecError,
+    HFImageToTextGenerator,
+    ReportGenerator,
+    load_generator,
+)
+from cyclex.adapters.registry import parse_options
+from cyclex.demo.generators import DemoGeneratorConfig, build_demo_model, demo_image_processor, train_report_tokenizer
+
+REPORTS = ["Heart size is normal. No pleural effusion.", "Cardiomegaly. Small left pleural effusion.",
+           "Describe the findings. Possible pneumothorax."] * 4
+
+
+# ---------------------------------------------------------------------- CallableGenerator
+def mean_intensity_reports(images: torch.Tensor) -> list[str]:
+    return ["bright" if float(image.mean()) > 0.5 else "dark" for image in images]
+
+
+def test_callable_generator_batches_and_checks():
+    generator = CallableGenerator(mean_intensity_reports, batch_size=2)
+    images = torch.zeros(5, 1, 8, 8)
+    images[[1, 4]] = 1.0
+    assert generator.generate(images) == ["dark", "bright", "dark", "dark", "bright"]
+    assert isinstance(generator, ReportGenerator)
+    assert generator.info.name.endswith("mean_intensity_reports")
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        generator.generate(images * 2)
+    with pytest.raises(ValueError, match="shape"):
+        generator.generate(torch.zeros(2, 3, 8, 8))
+
+
+def test_callable_generator_that_raises_names_generator_and_batch():
+    def flaky(images):
+        if float(images.max()) > 0.5:
+            raise RuntimeError("CUDA out of memory")
+        return ["ok"] * len(images)
+
+    generator = CallableGenerator(flaky, GeneratorInfo(name="flaky-model"), batch_size=2)
+    images = torch.zeros(5, 1, 8, 8)
+    images[3] = 1.0
+    with pytest.raises(GeneratorError, match=r"flaky-model raised RuntimeError on batch 1 \(images 2..3 of 5") as info:
+        generator.generate(images)
+    assert "CUDA out of memory" in str(info.value)
+
+
+@pytest.mark.parametrize("answer, message", [
+    (lambda n: [1] * n, "non-string reports at positions"),
+    (lambda n: ["x"] * (n + 1), "returned 3 reports for 2 images"),
+    (lambda n: "one string", "returned str, expected a list"),
+])
+def test_callable_generator_bad_answers(answer, message):
+    generator = CallableGenerator(lambda images: answer(len(images)), GeneratorInfo(name="bad"))
+    with pytest.raises(GeneratorError, match=message) as info:
+        generator.generate(torch.zeros(2, 1, 4, 4))
+    assert "bad" in str(info.value) and "batch 0" in str(info.value)
+
+
+# ---------------------------------------------------------------------- HF: VisionEncoderDecoder
+@pytest.fixture(scope="module")
+def tiny_ved_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    tokenizer = train_report_tokenizer(REPORTS, vocab_size=300)
+    config = DemoGeneratorConfig(image_size=32, patch_size=8, encoder_hidden=32, encoder_layers=1,
+                                 decoder_hidden=32, decoder_layers=1, heads=2)
+    model = build_demo_model(config, tokenizer, max_report_tokens=8)
+    folder = tmp_path_factory.mktemp("tiny_ved")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    demo_image_processor(32).save_pretrained(folder)
+    return folder
+
+
+def test_hf_vision_encoder_decoder_matches_direct_generate(tiny_ved_folder):
+    generator = load_generator(f"hf:{tiny_ved_folder}::max_new_tokens=6,batch_size=2,device=cpu")
+    assert isinstance(generator, HFImageToTextGenerator)
+    assert generator.info.input_size == (32, 32) and generator.info.mean == (0.5, 0.5, 0.5)
+    torch.manual_seed(1)
+    images = torch.rand(3, 1, 40, 40)
+    reports = generator.generate(images)
+    assert len(reports) == 3 and all(isinstance(r, str) for r in reports)
+    # the same answer as calling the model by hand on 8-bit RGB pixel values
+    from cyclex.adapters.hf import images_to_pil
+
+    pixel_values = generator.image_processor(images=images_to_pil(images), return_tensors="pt").pixel_values
+    expected_ids = generator.model.generate(pixel_values=pixel_values, max_new_tokens=6, do_sample=False)
+    expected = [t.strip() for t in generator.tokenizer.batch_decode(expected_ids, skip_special_tokens=True)]
+    assert reports == expected
+    # multi-view studies: the first view is used
+    studies = torch.stack([images, torch.zeros_like(images)], dim=1)
+    assert generator.generate(studies) == reports
+
+
+def test_hf_generator_wraps_model_errors(tiny_ved_folder):
+    generator = HFImageToTextGenerator.from_pretrained(tiny_ved_folder, device="cpu",
+                                                       generation_kwargs={"max_new_tokens": 2, "num_beams": 0})
+    with pytest.raises(GeneratorError, match=r"hf:.*tiny_ved.* on batch 0"):
+        generator.generate(torch.rand(1, 1, 32, 32))
+
+
+def test_hf_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(GeneratorError, match="cannot load a transformers image-to-text model from"):
+        HFImageToTextGenerator.from_pretrained(tmp_path / "nothing-here")
+
+
+# ---------------------------------------------------------------------- HF: instruction model (tiny LLaVA)
+@pytest.fixture(scope="module")
+def tiny_llava_folder(tmp_path_factory):
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    torch.manual_seed(0)
+    tokenizer = train_report_tokenizer(REPORTS, vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    model = LlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                  crop_size={"height": 32, "width": 32}),
+                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1)
+    folder = tmp_path_factory.mktemp("tiny_llava")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_hf_instruction_model_returns_only_new_tokens(tiny_llava_folder):
+    prompt = "Describe the findings."
+    generator = load_generator(f"hf:{tiny_llava_folder}::max_new_tokens=5,device=cpu,prompt={prompt}")
+    assert generator.prompt == prompt and not generator.is_encoder_decoder_captioner
+    assert generator._prompt_text() == "<image>\n" + prompt  # no chat template: image token prepended
+    torch.manual_seed(2)
+    images = torch.rand(2, 1, 48, 48)
+    reports = generator.generate(images)
+    from cyclex.adapters.hf import images_to_pil
+
+    inputs = generator.processor(images=images_to_pil(images), text=["<image>\n" + prompt] * 2, return_tensors="pt")
+    full = generator.model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    prompt_length = inputs["input_ids"].shape[1]
+    assert full.shape[1] > prompt_length  # the model echoes the prompt: the adapter must cut it
+    new_only = generator.tokenizer.batch_decode(full[:, prompt_length:], skip_special_tokens=True)
+    assert reports == [text.strip() for text in new_only]
+
+
+def test_hf_instruction_prompt_uses_chat_template(tiny_llava_folder):
+    generator = HFImageToTextGenerator.from_pretrained(tiny_llava_folder, prompt="Describe the findings",
+                                                       device="cpu", generation_kwargs={"max_new_tokens": 2})
+    generator.processor.chat_template = (
+        "{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+    assert generator._prompt_text() == "USER: <image>Describe the findings ASSISTANT:"
+    assert len(generator.generate(torch.rand(1, 1, 32, 32))) == 1
+    assert generator._strip_prompt("Describe the findings Heart normal.") == "Heart normal."
+
+
+# ---------------------------------------------------------------------- registry
+def test_parse_options_keeps_commas_in_prompt():
+    options = parse_options("num_beams=3,prompt=Describe the findings, briefly.,max_new_tokens=20", spec="x")
+    assert options == {"num_beams": "3", "prompt": "Describe the findings, briefly.", "max_new_tokens": "20"}
+
+
+def test_python_spec_wraps_a_function(tmp_path, monkeypatch):
+    (tmp_path / "my_reporter.py").write_text(textwrap.dedent("""
+        def describe(images):
+            return ["No acute findings."] * len(images)
+
+        def broken(images):
+            return [None] * len(images)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    generator = load_generator("python:my_reporter:describe")
+    assert generator.generate(torch.zeros(2, 1, 4, 4)) == ["No acute findings."] * 2
+    with pytest.raises(GeneratorError, match="python:my_reporter:broken returned non-string"):
+        load_generator("python:my_reporter:broken").generate(torch.zeros(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nonsense", "expected KIND"),
+    ("foo:bar", "unknown kind 'foo'"),
+    ("python:no_such_module_xyz:f", "cannot import module"),
+    ("python:os:no_such_function", "has no attribute"),
+    ("r2gen:only_repo", "expected r2gen:REPO::CHECKPOINT::ANNOTATION"),
+    ("demo:fancy", "unknown demo generator 'fancy'"),
+    ("hf:/tmp::beams", "is not key=value"),
+])
+def test_bad_specs_are_explained(spec, message):
+    with pytest.raises(GeneratorSpecError, match=message):
+        load_generator(spec)

@@ -1,0 +1,152 @@
+"""Null-text inversion and the fast inversions on a tiny random Stable Diffusion (10 DDIM steps)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cyclex.counterfactuals import create_maker
+from cyclex.counterfactuals.diffusion import LatentDiffusion
+from cyclex.counterfactuals.fast_inversion import DirectInversionMaker, NegativePromptInversionMaker
+from cyclex.counterfactuals.inversion_cache import InversionCache, inversion_key
+from cyclex.counterfactuals.nti import NullTextInversionMaker, resolve_null_setting, strength_to_start_index
+from cyclex.demo.tiny_sd import tiny_sd_pipeline
+
+STEPS = 10
+SOURCE = ["The lung with abnormalities Cardiomegaly, Pleural Effusion", "The lung with abnormalities Edema"]
+TARGET = ["The lung with abnormalities Pleural Effusion", "The lung with no abnormalities"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline()
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(0)
+    return torch.rand(2, 1, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def nti_run(pipe, images):
+    ld = LatentDiffusion(pipe, STEPS)
+    maker = NullTextInversionMaker(ld, STEPS, guidance_scale=7.5)
+    inversion = maker.invert(images, SOURCE)
+    return ld, maker, inversion
+
+
+def test_nti_reconstructs_better_than_plain_ddim_at_guidance_7_5(nti_run, images):
+    ld, maker, inversion = nti_run
+    z0 = ld.encode_images(images)
+    cond = ld.encode_prompts(SOURCE)
+    trajectory = ld.ddim_invert(z0, cond, guidance=1.0)
+    plain = ld.ddim_sample(trajectory[-1], cond, guidance=7.5)
+    # The engine's sampler with NTI's per-step null embeddings (independent of our own loop).
+    nti = ld.ddim_sample(trajectory[-1], cond, guidance=7.5, uncond_per_step=list(inversion.null_embeds))
+    plain_error = (plain - z0).pow(2).mean().item()
+    nti_error = (nti - z0).pow(2).mean().item()
+    assert nti_error < 0.9 * plain_error, (nti_error, plain_error)
+    # Our sampling loop agrees with the engine's for the same embeddings.
+    ours = maker.edit(inversion, SOURCE)[:, 0]
+    assert torch.allclose(ours, ld.decode_latents(nti), atol=1e-4)
+    assert inversion.null_embeds.shape == (STEPS, 2, *cond.shape[1:])
+    assert inversion.null_loss.shape == (STEPS, 2)
+
+
+def test_inversion_is_cached_per_item_and_pivot_shared(nti_run, images):
+    ld, maker, first = nti_run
+    assert first.cache_hits == 0 and first.unet_calls > 0
+    before = ld.unet_calls
+    again = maker.invert(images.flip(0), list(reversed(SOURCE)))  # same pairs, other order
+    assert again.cache_hits == 2 and again.unet_calls == 0 and ld.unet_calls == before
+    assert torch.equal(again.null_embeds[:, 0], first.null_embeds[:, 1])
+    # The guidance-1 pivot is shared across methods and null settings: direct inversion only pays
+    # its 2 T pivot noise predictions per image.
+    direct = DirectInversionMaker(ld, STEPS, cache=maker.cache)
+    assert direct.invert(images, SOURCE).unet_calls == 2 * STEPS * 2
+    negative = NegativePromptInversionMaker(ld, STEPS, cache=maker.cache)
+    assert negative.invert(images, SOURCE).unet_calls == 0
+    underfit = maker.with_null_setting("underfit")
+    inner = 8  # "underfit" = (8, 5e-4)
+    cost = underfit.invert(images, SOURCE).unet_calls
+    assert 0 < cost <= STEPS * 2 * (inner + 2)  # no pivot recomputed: T * B * (cond + inner + step)
+
+
+
+
+def test_one_inversion_serves_every_strength_and_guidance_batch(nti_run):
+    ld, maker, inversion = nti_run
+    before = ld.unet_calls
+    batch = maker.edit(inversion, TARGET, guidances=[7.0, 9.0], strength=0.8)
+    start = strength_to_start_index(0.8, STEPS)
+    assert start == 2
+    assert ld.unet_calls - before == 2 * 2 * 2 * (STEPS - start)  # CFG pair x items x guidances x steps
+    single = maker.edit(inversion, TARGET, guidances=[9.0], strength=0.8)
+    assert batch.shape == (2, 2, 1, 64, 64)
+    assert torch.allclose(batch[:, 1], single[:, 0], atol=1e-4)
+    assert not torch.allclose(batch[:, 0], batch[:, 1], atol=1e-4)
+
+
+def test_direct_inversion_reconstructs_the_source_exactly(pipe, images):
+    ld = LatentDiffusion(pipe, STEPS)
+    maker = DirectInversionMaker(ld, STEPS)
+    inversion = maker.invert(images, SOURCE)
+    out = maker.edit(inversion, SOURCE, guidances=[7.5, 10.0])
+    reference = ld.decode_latents(inversion.trajectory[0])
+    for g in range(2):
+        assert torch.allclose(out[:, g], reference, atol=1e-4)
+    edited = maker.edit(inversion, TARGET)
+    assert (edited[:, 0] - reference).abs().mean() > 1e-4
+
+
+def test_zero_mask_keeps_the_pivot(nti_run, images):
+    ld, maker, inversion = nti_run
+    out = maker.edit(inversion, TARGET, masks=torch.zeros(2, 1, 64, 64))
+    assert torch.allclose(out[:, 0], ld.decode_latents(inversion.trajectory[0]), atol=1e-5)
+
+
+def test_make_returns_counterfactuals_with_serialisable_details(nti_run, images):
+    _, maker, _ = nti_run
+    out = maker.make(images, SOURCE, TARGET, seed=3)
+    assert out.images.shape == (2, 1, 64, 64)
+    assert out.images.min() >= 0 and out.images.max() <= 1
+    assert out.extras["null_text_loss"].shape == (2, STEPS)
+    line = json.loads(json.dumps(out.details[0]))
+    assert line["variant"] == "nti" and line["null_setting"] == "default" and line["seed"] == 3
+    with pytest.raises(ValueError, match="one source and one target prompt"):
+        maker.make(images, SOURCE[:1], TARGET)
+
+
+def test_disk_cache_round_trip_and_refuses_image_folders(tmp_path, images):
+    folder = tmp_path / "run" / "cache"
+    cache = InversionCache(folder)
+    key = inversion_key(images[0], SOURCE[0], "best_l2", {"method": "nti"})
+    assert key != inversion_key(images[0], SOURCE[0], "best_l1", {"method": "nti"})
+    tensors = {"trajectory": torch.randn(3, 4, 2, 2)}
+    cache.put(key, tensors, {"prompt": SOURCE[0]})
+    fresh = InversionCache(folder)
+    loaded = fresh.get(key)
+    assert torch.equal(loaded["trajectory"], tensors["trajectory"])
+    assert fresh.stats() == {"hits": 1, "disk_hits": 1, "misses": 0, "entries": 1}
+    assert fresh.get("0" * 64) is None and fresh.misses == 1
+    user_images = tmp_path / "xrays"
+    user_images.mkdir()
+    (user_images / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds images"):
+        InversionCache(user_images)
+
+
+def test_settings_validation_and_registry(pipe):
+    assert resolve_null_setting("underfit") == ("underfit", 8, 5e-4)
+    assert resolve_null_setting((3, 0.1))[1:] == (3, 0.1)
+    with pytest.raises(ValueError, match="null_setting"):
+        resolve_null_setting("overfit")
+    with pytest.raises(ValueError, match="strength"):
+        strength_to_start_index(0.0, 10)
+    maker = create_maker("nti", pipe, num_inference_steps=4, null_setting="underfit")
+    assert isinstance(maker, NullTextInversionMaker) and maker.inner_steps == 8
+    assert isinstance(create_maker("negative-prompt", pipe, num_inference_steps=4), NegativePromptInversionMaker)
+    assert isinstance(create_maker("direct", pipe, num_inference_steps=4), DirectInversionMaker)

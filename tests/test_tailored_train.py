@@ -1,0 +1,115 @@
+"""Tailored SD training: only the UNet learns, resume is exact, the folder reloads offline, bad bases fail clearly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from _tailored_helpers import save_tiny_base, write_manifest
+
+from cyclex.tailored_training import (
+    BaseModelError,
+    TailoredTrainingConfig,
+    load_tailored_pipeline,
+    read_tailored_metadata,
+    train_tailored,
+)
+
+CONFIG = TailoredTrainingConfig(
+    max_train_steps=5, checkpointing_steps=2, resolution=32, train_batch_size=4, learning_rate=1e-3,
+    lr_scheduler="linear", lr_warmup_steps=2, report_to="none", validation_steps=2, validation_fraction=0.2,
+    num_inversion_steps=5, seed=3,
+)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return save_tiny_base(tmp_path_factory.mktemp("base") / "sd")
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return write_manifest(tmp_path_factory.mktemp("data"), n=12)
+
+
+def _state(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_training_changes_only_the_unet(base, manifest, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    result = train_tailored(manifest, base, tmp_path / "out", CONFIG, generator_spec="demo:clean")
+    assert result.global_step == 5
+    assert result.checkpoints == ["checkpoints/checkpoint-000002", "checkpoints/checkpoint-000004",
+                                  "checkpoints/checkpoint-000005"]
+    before = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, local_files_only=True)
+    after = load_tailored_pipeline(tmp_path / "out", checkpoint="final")
+    changed = [k for k, v in _state(before.unet).items() if not torch.equal(v, after.unet.state_dict()[k])]
+    assert len(changed) > 0.5 * len(before.unet.state_dict())
+    for part in ("vae", "text_encoder"):
+        ref, new = _state(getattr(before, part)), getattr(after, part).state_dict()
+        assert all(torch.equal(v, new[k]) for k, v in ref.items()), f"{part} changed"
+    # The folder reloads offline with the plain diffusers call, safetensors inside.
+    plain = StableDiffusionPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
+    assert torch.equal(plain.unet.conv_out.weight, after.unet.conv_out.weight)
+    assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "out" / "checkpoints" / "checkpoint-000002" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    meta = read_tailored_metadata(tmp_path / "out")
+    assert meta["generator"] == "demo:clean" and meta["sample_size"] == 32 and len(meta["vocabulary"]) == 13
+    saved = json.loads((tmp_path / "out" / "training_config.json").read_text())
+    assert saved["learning_rate"] == 1e-3 and saved["p_uncond"] == 0.1
+
+
+def test_resume_matches_uninterrupted_run(base, manifest, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    cfg = dataclasses.replace(CONFIG, max_train_steps=7, checkpointing_steps=3, checkpoints_total_limit=2)
+    out = tmp_path / "run"
+    train_tailored(manifest, base, out, cfg)
+    # The kept limit deletes the oldest: 3 is gone, 6 and the final 7 remain.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-000006", "checkpoint-000007"]
+    uninterrupted = _state(UNet2DConditionModel.from_pretrained(out / "checkpoints" / "checkpoint-000007", subfolder="unet"))
+
+    # Crash after step 3: keep only that checkpoint, then run again; 10 train images / batch 4 -> the
+    # resumed epoch starts mid-way (skip_first_batches), and the lr is mid-schedule.
+    resumed_out = tmp_path / "resumed"
+    cfg_short = dataclasses.replace(cfg, checkpoints_total_limit=None)
+    train_tailored(manifest, base, resumed_out, cfg_short)
+    for later in ("checkpoint-000006", "checkpoint-000007"):
+        shutil.rmtree(resumed_out / "checkpoints" / later)
+    result = train_tailored(manifest, base, resumed_out, cfg_short)
+    assert result.global_step == 7 and result.checkpoints == ["checkpoints/checkpoint-000006",
+                                                              "checkpoints/checkpoint-000007"]
+    resumed = UNet2DConditionModel.from_pretrained(resumed_out / "checkpoints" / "checkpoint-000007", subfolder="unet")
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+def test_base_folder_missing_parts_is_a_clear_error(base, manifest, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    shutil.rmtree(broken / "vae")
+    shutil.rmtree(broken / "tokenizer")
+    with pytest.raises(BaseModelError, match=r"missing parts: vae/.*tokenizer/"):
+        train_tailored(manifest, broken, tmp_path / "out", CONFIG)
+
+
+def test_empty_manifest_is_a_clear_error(base, tmp_path):
+    from cyclex.tailored_training import EmptyDatasetError
+
+    empty = tmp_path / "manifest.jsonl"
+    empty.write_text("")
+    with pytest.raises(EmptyDatasetError, match="no rows"):
+        train_tailored(empty, base, tmp_path / "out", CONFIG)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="p_uncond"):
+        TailoredTrainingConfig(p_uncond=1.5)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TailoredTrainingConfig(mixed_precision="fp8")
+    assert TailoredTrainingConfig().train_batch_size == 8 and TailoredTrainingConfig().learning_rate == 5e-5
