@@ -102,3 +102,54 @@ def phantoms(
     normal = sum(not p.findings_meta for p in items)
     marked = sum(p.shortcut for p in items)
     console.print(f"wrote {len(items)} phantoms ({normal} normal, {marked} with the shortcut marker) to {folder}")
+
+
+@app.command()
+def explain(
+    generator: str = typer.Option(..., "--generator", help="generator spec (hf:PATH, r2gen:..., demo:clean, python:mod:fn)"),
+    tailored: str = typer.Option(..., "--tailored", help="tailored Stable Diffusion folder (cyclex train-sd output)"),
+    images: str = typer.Option(..., "--images", help="folder of images, phantom folder (metadata.jsonl) or CSV"),
+    out: str = typer.Option(..., "--out", help="run folder (created; re-running resumes)"),
+    findings: list[str] = typer.Option(None, "--findings", help="only remove these findings (repeat the option)"),
+    variant: str = typer.Option("ddim", "--variant", help="counterfactual maker (registered variant name)"),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps T"),
+    guidance: float = typer.Option(7.5, "--guidance", help="classifier-free guidance omega"),
+    strength: float = typer.Option(1.0, "--strength", help="denoising strength delta in (0, 1]"),
+    checkpoint: str = typer.Option("best_psnr", "--checkpoint", help="best_psnr | best_l1 | best_l2 | final | subfolder"),
+    batch_size: int = typer.Option(8, "--batch-size", help="images per engine batch"),
+    labeler: str = typer.Option("rules", "--labeler", help="'rules', 'chexbert:PATH[::TOKENIZER]' or python:mod:attr"),
+    frame_threshold: str = typer.Option("stable", "--frame-threshold", help="L on 0-255, or 'stable'"),
+    image_size: int = typer.Option(None, "--image-size", help="resize inputs to this side (needed for mixed sizes)"),
+    estimate_chest_box: bool = typer.Option(False, "--estimate-chest-box/--no-estimate-chest-box",
+                                            help="mask maps to an Otsu chest box when the input gives none"),
+    device: str = typer.Option(None, "--device", help="torch device for the tailored SD"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="start over in a run folder made with other settings"),
+) -> None:
+    """Remove each finding, make the counterfactual, regenerate, verify; write frames into a run folder."""
+    import logging
+
+    from rich.console import Console
+
+    from cyclex.adapters import load_generator
+    from cyclex.cycle.run_folder import RunFolderError, run_explain
+    from cyclex.findings import UnknownFindingError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console = Console()
+    try:
+        threshold = frame_threshold if frame_threshold == "stable" else float(frame_threshold)
+        summary = run_explain(
+            load_generator(generator), tailored, images, out, labeler_spec=labeler, variant=variant,
+            checkpoint=checkpoint, steps=steps, guidance=guidance, strength=strength, findings=findings or None,
+            batch_size=batch_size, image_size=image_size, frame_threshold=threshold,
+            estimate_chest_boxes=estimate_chest_box, overwrite=overwrite, device=device, generator_spec=generator,
+        )
+    except (FileNotFoundError, ValueError, KeyError, RunFolderError, UnknownFindingError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=1) from None
+    rate = summary["cyclic_rate"]
+    console.print(f"Cyclic Rate {'-' if rate is None else f'{rate:.3f}'} "
+                  f"({summary['n_verified']}/{summary['n']} findings, {summary['n_images']} images)")
+    for finding, entry in summary["per_finding"].items():
+        console.print(f"  {finding}: {entry['cyclic_rate']:.3f} ({entry['n_verified']}/{entry['n']})")
+    console.print(f"results: {out}/results.jsonl, summary: {out}/summary.json")

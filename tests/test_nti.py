@@ -1,4 +1,4 @@
-"""Null-text inversion and the fast inversions on a tiny random Stable Diffusion (10 DDIM steps)."""
+"""Null-text inversion and the fast inversions on a tiny random Stable Diffusion (5 DDIM steps)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from cyclex.counterfactuals.inversion_cache import InversionCache, inversion_key
 from cyclex.counterfactuals.nti import NullTextInversionMaker, resolve_null_setting, strength_to_start_index
 from cyclex.demo.tiny_sd import tiny_sd_pipeline
 
-STEPS = 10
+STEPS = 5
 SOURCE = ["The lung with abnormalities Cardiomegaly, Pleural Effusion", "The lung with abnormalities Edema"]
 TARGET = ["The lung with abnormalities Pleural Effusion", "The lung with no abnormalities"]
 
@@ -69,10 +69,10 @@ def test_inversion_is_cached_per_item_and_pivot_shared(nti_run, images):
     assert direct.invert(images, SOURCE).unet_calls == 2 * STEPS * 2
     negative = NegativePromptInversionMaker(ld, STEPS, cache=maker.cache)
     assert negative.invert(images, SOURCE).unet_calls == 0
-    underfit = maker.with_null_setting("underfit")
-    inner = 8  # "underfit" = (8, 5e-4)
-    cost = underfit.invert(images, SOURCE).unet_calls
-    assert 0 < cost <= STEPS * 2 * (inner + 2)  # no pivot recomputed: T * B * (cond + inner + step)
+    inner = 2
+    cheap = maker.with_null_setting((inner, 0.0))  # eps 0: never stops early, exact count
+    cost = cheap.invert(images, SOURCE).unet_calls
+    assert cost == STEPS * 2 * (1 + inner + 1)  # no pivot recomputed: T * B * (cond + inner + step)
 
 
 
@@ -82,7 +82,7 @@ def test_one_inversion_serves_every_strength_and_guidance_batch(nti_run):
     before = ld.unet_calls
     batch = maker.edit(inversion, TARGET, guidances=[7.0, 9.0], strength=0.8)
     start = strength_to_start_index(0.8, STEPS)
-    assert start == 2
+    assert start == 1
     assert ld.unet_calls - before == 2 * 2 * 2 * (STEPS - start)  # CFG pair x items x guidances x steps
     single = maker.edit(inversion, TARGET, guidances=[9.0], strength=0.8)
     assert batch.shape == (2, 2, 1, 64, 64)
@@ -96,10 +96,14 @@ def test_direct_inversion_reconstructs_the_source_exactly(pipe, images):
     inversion = maker.invert(images, SOURCE)
     out = maker.edit(inversion, SOURCE, guidances=[7.5, 10.0])
     reference = ld.decode_latents(inversion.trajectory[0])
+    plain = ld.decode_latents(ld.ddim_sample(inversion.trajectory[-1], inversion.cond_embeds, guidance=7.5))
+    plain_error = (plain - reference).abs().mean()
     for g in range(2):
-        assert torch.allclose(out[:, g], reference, atol=1e-4)
+        # Exact up to float noise of different batch compositions (amplified by w on random weights).
+        assert (out[:, g] - reference).abs().max() < 1e-2
+        assert (out[:, g] - reference).abs().mean() < 0.05 * plain_error
     edited = maker.edit(inversion, TARGET)
-    assert (edited[:, 0] - reference).abs().mean() > 1e-4
+    assert (edited[:, 0] - reference).abs().mean() > 10 * (out[:, 0] - reference).abs().mean()
 
 
 def test_zero_mask_keeps_the_pivot(nti_run, images):

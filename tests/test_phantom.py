@@ -63,9 +63,10 @@ def test_sizes_ranges_and_chest_box(size):
     for mask in phantom.masks.values():
         assert mask.shape == (size, size) and mask.dtype == bool and mask.any()
     # The lungs are dark and the mediastinum bright: the anatomy looks like a chest film.
-    lung_px = phantom.image[size // 3, x0 + (x1 - x0) // 8]
-    spine_px = phantom.image[size // 3, size // 2]
-    assert spine_px - lung_px > 0.2
+    row = y0 + (y1 - y0) * 2 // 5
+    lung = np.median(phantom.image[row - 1: row + 2, x0 + (x1 - x0) // 8: x0 + (x1 - x0) // 4])
+    spine = np.median(phantom.image[row - 1: row + 2, size // 2 - 1: size // 2 + 2])
+    assert spine - lung > 0.2
 
 
 @pytest.mark.parametrize("finding", DRAWABLE)
@@ -94,6 +95,10 @@ def test_without_finding_is_the_same_patient_minus_that_finding():
     assert np.array_equal(cf.image[outside], phantom.image[outside])
     with pytest.raises(ValueError, match="has no"):
         without_finding(phantom, "Edema")
+    big = make_phantom(8, PhantomConfig(size=128), {"Lung Lesion": {}})
+    assert without_finding(big, "Lung Lesion").image.shape == (128, 128)
+    with pytest.raises(ValueError, match="size"):
+        without_finding(big, "Lung Lesion", PhantomConfig())
 
 
 def test_cardiomegaly_mask_is_added_heart_area_next_to_the_normal_heart():

@@ -115,26 +115,10 @@ def cyclic_rate(results: Sequence[CycleResult | Mapping[str, Any]]) -> dict[str,
 
 
 def load_xray(path: str | Path) -> np.ndarray:
-    """A grayscale X-ray file (PNG/JPEG/TIFF, 8 or 16 bit) as (H, W) float32 in [0, 1]."""
-    from PIL import Image
+    """An X-ray file (PNG/JPEG/TIFF 8 or 16 bit, DICOM) as (H, W) float32 in [0, 1] (datasets loader)."""
+    from cyclex.datasets.images import read_image
 
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"image file {file} does not exist")
-    try:
-        with Image.open(file) as img:
-            array = np.asarray(img)
-    except OSError as err:
-        raise ValueError(f"{file} is not a readable image: {err}") from err
-    if array.ndim == 3:
-        array = array[..., :3].mean(axis=-1) if array.shape[-1] >= 3 else array[..., 0]
-    if np.issubdtype(array.dtype, np.integer):
-        top = 65535.0 if array.max() > 255 else 255.0
-        return (array.astype(np.float32) / top).clip(0, 1)
-    array = array.astype(np.float32)
-    if array.max() > 1.0:
-        raise ValueError(f"{file} holds float pixels above 1.0; expected integers or floats in [0, 1]")
-    return array.clip(0, 1)
+    return read_image(path)
 
 
 def images_to_batch(images, image_size: int | None = None) -> torch.Tensor:
@@ -289,7 +273,7 @@ class CyclicExplainer:
                 chosen = tuple(f for f in present if f in names)
                 absent = sorted(names - set(present))
                 if absent:
-                    logger.info("image %d: %s not in the generated report; nothing to remove", i, ", ".join(absent))
+                    logger.debug("image %d: %s not in the generated report; nothing to remove", i, ", ".join(absent))
             plan.extend((i, f) for f in chosen)
         return plan
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def _read_dicom(path: Path) -> np.ndarray:
 
     try:
         ds = pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)
-    except (InvalidDicomError, EOFError, OSError, ValueError, AttributeError, KeyError) as err:
+    except (InvalidDicomError, EOFError, OSError, ValueError, AttributeError, KeyError, TypeError, struct.error) as err:
         raise ImageReadError(f"{path}: not a readable DICOM file ({type(err).__name__}: {err})") from err
     if "PixelData" not in ds:
         raise ImageReadError(f"{path}: DICOM file has no PixelData element; expected an image")

@@ -168,11 +168,12 @@ class Anatomy:
     tf: PatientTransform
     lungs: dict[str, LungShape]
     lung_cov: dict[str, np.ndarray]
+    lung_visible: dict[str, np.ndarray]  # lung coverage minus what the heart hides
     heart: dict[str, float]
     ribs: dict[str, list[np.ndarray]]  # per side, rib centre lines in patient coordinates
     rib_thickness: float
     base: np.ndarray  # float32 (H, W), normal anatomy before findings and exposure
-    chest_box: tuple[int, int, int, int]
+    chest_box: tuple[int, int, int, int]  # (x0, y0, x1, y1) of lungs and heart, end-exclusive
 
     def heart_points(self, scale_lateral: float = 1.0, scale_down: float = 1.0) -> np.ndarray:
         """Heart silhouette outline; scaling grows it towards the patient's left and down."""
@@ -293,7 +294,8 @@ def build_anatomy(rng: np.random.Generator, size: int) -> Anatomy:
 
     image = lerp(image, MARKER, draw_laterality_marker(size))
 
-    ys, xs = np.nonzero(lungs_union > 0.5)
+    ys, xs = np.nonzero((lungs_union > 0.5) | (heart_cov > 0.5))
     chest_box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-    return Anatomy(tf=tf, lungs=lungs, lung_cov=lung_cov, heart=heart, ribs=ribs, rib_thickness=rib_thickness,
+    lung_visible = {side: cov * (1.0 - heart_cov) for side, cov in lung_cov.items()}
+    return Anatomy(tf=tf, lungs=lungs, lung_cov=lung_cov, lung_visible=lung_visible, heart=heart, ribs=ribs, rib_thickness=rib_thickness,
                    base=image.astype(np.float32), chest_box=chest_box)

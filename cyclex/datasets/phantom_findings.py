@@ -14,6 +14,7 @@ import numpy as np
 
 from cyclex.datasets.phantom_anatomy import (
     BONE_ADD,
+    HEART,
     MEDIASTINUM,
     Anatomy,
     LungShape,
@@ -137,7 +138,9 @@ def _sample_devices(rng):
 def _draw_cardiomegaly(image, anatomy, meta, rng):
     grow = _level(meta, 1.25, 1.38, 1.52)
     enlarged = fill_polygon(anatomy.tf, anatomy.heart_points(scale_lateral=grow, scale_down=1 + (grow - 1) * 0.45))
-    return lerp(image, 0.63, enlarged)
+    normal = fill_polygon(anatomy.tf, anatomy.heart_points())
+    # Only the added heart area (and its anti-aliased border) changes.
+    return lerp(image, HEART, np.clip(enlarged - normal, 0.0, 1.0))
 
 
 def _draw_mediastinum(image, anatomy, meta, rng):
@@ -147,7 +150,9 @@ def _draw_mediastinum(image, anatomy, meta, rng):
     v = np.linspace(top, bottom, 10)
     bulge = widen * np.sin(np.pi * np.linspace(0.15, 0.85, 10)) + 0.055
     outline = np.concatenate([np.stack([0.5 - bulge * 1.1, v], 1), np.stack([0.5 + bulge, v], 1)[::-1]])
-    return lerp(image, MEDIASTINUM + 0.03, fill_polygon(anatomy.tf, outline))
+    # The widened mediastinum encroaches on the lungs; trachea and heart stay as they were.
+    lungs = np.maximum(anatomy.lung_visible["right"], anatomy.lung_visible["left"])
+    return lerp(image, MEDIASTINUM + 0.03, fill_polygon(anatomy.tf, outline) * lungs)
 
 
 def _zone_down(zone: str, rng) -> float:
@@ -164,7 +169,7 @@ def _draw_opacity(image, anatomy, meta, rng):
             centre = lung.point(float(rng.uniform(0.35, 0.75)), down + float(rng.uniform(-0.08, 0.08)))
             sig = float(rng.uniform(0.04, 0.06)) * _level(meta, 0.9, 1.1, 1.3)
             haze = np.maximum(haze, soft_blob(anatomy, centre, (sig, sig * 0.8), float(rng.uniform(0, 180))))
-        image = image + strength * haze * anatomy.lung_cov[side]
+        image = image + strength * haze * anatomy.lung_visible[side]
     return image
 
 
@@ -188,7 +193,7 @@ def _draw_edema(image, anatomy, meta, rng):
             u0 = lung.point(1.0, 0.0)[0]
             du = 0.06 if side == "right" else -0.06
             haze = np.maximum(haze, 0.6 * draw_polyline(anatomy.tf, np.array([[u0 + du * 0.2, v], [u0 + du, v]]), 0.012))
-        image = image + strength * haze * anatomy.lung_cov[side]
+        image = image + strength * haze * anatomy.lung_visible[side]
     return image
 
 
@@ -199,7 +204,7 @@ def _draw_consolidation(image, anatomy, meta, rng):
     axes = (_level(meta, 0.07, 0.09, 0.11), _level(meta, 0.06, 0.075, 0.09))
     pts = ellipse_points(centre, axes, float(rng.uniform(-20, 20)), n=20)
     pts = pts + rng.normal(0, 0.008, pts.shape)
-    region = fill_polygon(anatomy.tf, pts) * anatomy.lung_cov[meta["side"]]
+    region = fill_polygon(anatomy.tf, pts) * anatomy.lung_visible[meta["side"]]
     out = lerp(image, 0.58, region)
     # Air bronchograms: dark branching lines inside the dense region.
     branch = np.zeros_like(image)
@@ -218,7 +223,7 @@ def _draw_atelectasis(image, anatomy, meta, rng):
         tilt = float(rng.uniform(-0.03, 0.03))
         a, b = lung.point(0.1, down), lung.point(0.9, down)
         band = draw_polyline(anatomy.tf, np.array([[a[0], a[1] + tilt], [b[0], b[1] - tilt]]), thickness)
-        image = lerp(image, 0.55, band * anatomy.lung_cov[side])
+        image = lerp(image, 0.55, band * anatomy.lung_visible[side])
     return image
 
 
@@ -238,10 +243,10 @@ def _draw_pneumothorax(image, anatomy, meta, rng):
     apex_v = lung.apex[1]
     keep = fill_polygon(anatomy.tf, np.array([[-0.5, apex_v - 0.3], [1.5, apex_v - 0.3],
                                               [1.5, lung.costophrenic_v - 0.1], [-0.5, lung.costophrenic_v - 0.1]]))
-    lucent = anatomy.lung_cov[side] * (1 - collapsed) * keep
+    lucent = anatomy.lung_visible[side] * (1 - collapsed) * keep
     out = lerp(image, 0.04, 0.9 * lucent)
     upper = collapsed_pts[collapsed_pts[:, 1] < lung.costophrenic_v - 0.1]
-    pleural_line = draw_polyline(anatomy.tf, upper, 0.012) * anatomy.lung_cov[side] * keep
+    pleural_line = draw_polyline(anatomy.tf, upper, 0.012) * anatomy.lung_visible[side] * keep
     return out + 0.16 * pleural_line
 
 
@@ -256,7 +261,7 @@ def _draw_effusion(image, anatomy, meta, rng):
         menisc_v = level + 0.06 * (1 - frac) ** 1.5 - 0.05 * frac ** 3
         u = np.array([lung.point(float(f) * 1.3 - 0.15, 0)[0] for f in frac])
         outline = np.concatenate([np.stack([u, menisc_v], 1), np.array([[u[-1], 1.3], [u[0], 1.3]])])
-        fluid = fill_polygon(anatomy.tf, outline) * anatomy.lung_cov[side]
+        fluid = fill_polygon(anatomy.tf, outline) * anatomy.lung_visible[side]
         image = lerp(image, 0.6, fluid)
     return image
 

@@ -151,7 +151,7 @@ def _phantom_arrays(n: int, seed: int, class_names: tuple[str, ...]) -> tuple[to
 
     phantoms = make_phantoms(n, seed)
     images = torch.from_numpy(np.stack([p.image for p in phantoms]).astype(np.float32))[:, None]
-    present = [set(p.labels.present(uncertain_as_present=False)) | set(p.masks) for p in phantoms]
+    present = [set(p.findings_meta) | set(p.masks) for p in phantoms]  # what is drawn in the image
     targets = torch.tensor([[float(name in found) for name in class_names] for found in present])
     return images.clamp(0, 1), targets
 
@@ -185,7 +185,7 @@ def train_phantom_classifier(out_dir: str | os.PathLike | None = None, n_train: 
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
-            logger.info("phantom classifier step %d loss %.4f", step, float(loss))
+            logger.info("phantom classifier step %d loss %.4f", step, loss.item())
     classifier = PhantomClassifier(net, config)
     with torch.no_grad():
         val_logits = classifier(val_x)
@@ -195,7 +195,7 @@ def train_phantom_classifier(out_dir: str | os.PathLike | None = None, n_train: 
         aurocs[name] = float(roc_auc_score(labels, val_logits[:, k].numpy())) if 0 < labels.sum() < len(labels) else None
     classifier.save_pretrained(out_dir)
     metrics = {"val_auroc": aurocs, "n_train": n_train, "n_val": n_val, "steps": steps, "seed": seed,
-               "final_train_loss": float(loss)}
+               "final_train_loss": loss.item()}
     _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     logger.info("phantom classifier saved to %s; val AUROC %s", out_dir, aurocs)
     return classifier

@@ -2,7 +2,8 @@
 
 Run folder (written by the engine): `RUN/results.jsonl`, one JSON object per image x finding with at
 least `image_id`, `finding`, `verified`, `query_png`, `counterfactual_png` (paths relative to RUN),
-`chest_box` ([x0, y0, x1, y1] or null) and optionally `mask_png` (phantom ground truth); and
+`chest_box` ([x0, y0, x1, y1] or null) and optionally `mask_png` (phantom ground truth) and
+`signed_npy` (the float32 map I - CF, used instead of the 8-bit PNGs when present); and
 `RUN/summary.json`.
 
 Outputs: `RUN/metrics.jsonl` (one line per results line: its keys `image_id`, `finding`,
@@ -129,6 +130,23 @@ def difference_map(query: torch.Tensor, counterfactual: torch.Tensor, kind: str 
     raise ValueError(f"map_kind must be 'positive' or 'absolute', got {kind!r}")
 
 
+def _item_difference_map(run_dir: Path, record: dict, query: torch.Tensor, counterfactual: torch.Tensor,
+                         kind: str) -> np.ndarray:
+    """The engine's float32 signed map (I - CF, `signed_npy`) when present, else from the 8-bit PNGs."""
+    signed_file = record.get("signed_npy")
+    if signed_file and (run_dir / signed_file).is_file():
+        signed = np.load(run_dir / signed_file, allow_pickle=False).astype(np.float64)
+        if signed.shape == tuple(query.shape[-2:]) and np.isfinite(signed).all():
+            if kind == "positive":
+                return np.clip(signed, 0.0, None)
+            if kind == "absolute":
+                return np.abs(signed)
+            raise ValueError(f"map_kind must be 'positive' or 'absolute', got {kind!r}")
+        logger.warning("%s: ignoring %s (shape %s, expected %s)", record["image_id"], signed_file, signed.shape,
+                       tuple(query.shape[-2:]))
+    return difference_map(query, counterfactual, kind)
+
+
 def _chest_box(record: dict, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
     box = record.get("chest_box")
     if box is None:
@@ -219,7 +237,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, classifier: Classifier | None = 
             result = cf_score(row["lpips"], row["clip_cosine"], row["l2"], row["cpg"], row["fet"], config.thresholds)
             row["cf_score"], row["cf_failed"] = result.score, result.failed
         # 3. Alignment
-        diff = difference_map(query, counterfactual, config.map_kind)
+        diff = _item_difference_map(run_dir, record, query, counterfactual, config.map_kind)
         box = _chest_box(record, shape)
         mask = None
         if record.get("mask_png"):

@@ -58,8 +58,8 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import negspacy.negation  # noqa: F401  (registers the "negex" spaCy factory)
 import spacy
+from negspacy.negation import Negex
 from negspacy.termsets import termset
 from spacy.matcher import Matcher, PhraseMatcher
 from spacy.tokens import Doc, Span
@@ -345,6 +345,30 @@ def _split_long_text(text: str, max_chars: int) -> list[str]:
     return pieces
 
 
+class _LinearNegex(Negex):
+    """negspacy's `Negex` (same termsets, matching and rules) with its entity loop made linear.
+
+    negspacy slices `doc[start:end].ents` and filters every cue list once per sentence, which is
+    quadratic in the report length (a 1 MB report took minutes); here entities and cues are sorted
+    once and each sentence takes its share by bisection.
+    """
+
+    def negex(self, doc: Doc) -> Doc:
+        preceding, following, terminating = self.process_negations(doc)
+        boundaries = self.termination_boundaries(doc, terminating)
+        preceding, following = sorted(preceding, key=lambda m: m[1]), sorted(following, key=lambda m: m[1])
+        preceding_starts, following_starts = [m[1] for m in preceding], [m[1] for m in following]
+        ents = sorted(doc.ents, key=lambda e: e.start)
+        ent_starts = [e.start for e in ents]
+        for start, end in boundaries:
+            sub_preceding = preceding[bisect_left(preceding_starts, start):bisect_left(preceding_starts, end)]
+            sub_following = following[bisect_left(following_starts, start):bisect_left(following_starts, end)]
+            for ent in ents[bisect_left(ent_starts, start):bisect_left(ent_starts, end)]:
+                if ent.end <= end:  # as negspacy: only entities inside the boundary
+                    self._apply_negation(ent, sub_preceding, sub_following)
+        return doc
+
+
 @dataclass(frozen=True)
 class Mention:
     """One finding mention in a report: the matched text and its state.
@@ -375,6 +399,9 @@ class RuleLabeler:
         self.batch_size = batch_size
         self.max_chunk_chars = max_chunk_chars
         self.nlp = self._build_pipeline()
+        negation_terms = _negation_termset()
+        self._negation = _LinearNegex(self.nlp, "negex", neg_termset=negation_terms)
+        self._termination_cues = negation_terms["termination"]
         self._uncertainty_matcher = Matcher(self.nlp.vocab)
         for direction, phrases in _UNCERTAINTY_TRIGGERS.items():
             self._uncertainty_matcher.add(direction, [_compile(p) for p in phrases])
@@ -393,9 +420,6 @@ class RuleLabeler:
             patterns += [{"label": _NORMAL_LABEL_PREFIX + key, "pattern": _compile(p)} for p in phrases]
         patterns += [{"label": _IGNORED_LABEL, "pattern": _compile(p)} for p in _IGNORED_PHRASES]
         ruler.add_patterns(patterns)
-        negation_terms = _negation_termset()
-        self._termination_cues = negation_terms["termination"]
-        nlp.add_pipe("negex", config={"neg_termset": negation_terms, "extension_name": "negex"})
         return nlp
 
     # ---- public API ------------------------------------------------------------------------------
@@ -421,7 +445,7 @@ class RuleLabeler:
         found: list[list[Mention]] = [[] for _ in texts]
         docs = self.nlp.pipe((piece for _, _, piece in chunks), batch_size=self.batch_size)
         for (index, offset, _), doc in zip(chunks, docs):
-            found[index] += self._doc_mentions(doc, offset)
+            found[index] += self._doc_mentions(self._negation(doc), offset)
         return list(zip(texts, found))
 
     def _doc_mentions(self, doc: Doc, offset: int) -> list[Mention]:

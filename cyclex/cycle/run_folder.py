@@ -1,0 +1,421 @@
+"""The run folder of `cyclex explain`: resumable, atomic, one line per (image, finding).
+
+Layout::
+
+    RUN/
+      run_config.json        settings of the run; resuming with other settings is refused
+      results.jsonl          one line per image x removed finding, input order then vocabulary order
+      summary.json           Cyclic Rate overall and per finding, counts, seconds
+      items/IMAGE/FINDING/   query.png, counterfactual.png, difference.png (positive part, colour),
+                             frame.png (contours on the query), signed.npy / positive.npy (float32
+                             maps), mask.png (ground-truth mask, when the input had one)
+      records/IMAGE/FINDING.json   the finished item's result line
+      records/IMAGE/_complete.json the image is done (its finished findings listed)
+
+Resume: an item is finished once its record file exists (written last, atomically); a re-run skips
+finished items and finished images, and rebuilds results.jsonl from the record files, so an
+interrupted-then-resumed run ends with the same results.jsonl as an uninterrupted one (timings
+aside: they measure the run that made each item). Every file is written to a temporary name and
+moved into place with `os.replace`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cyclex.cycle.explainer import CycleResult, CyclicExplainer, cyclic_rate
+from cyclex.explain.frames import draw_frame, normalize_map, show_map_on_image
+from cyclex.findings import ABNORMALITIES, canonical_finding, finding_slug
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "run_config.json"
+RESULTS_NAME = "results.jsonl"
+SUMMARY_NAME = "summary.json"
+# Settings that do not change results: excluded from the resume check.
+_NON_RESULT_SETTINGS = ("batch_size", "images")
+
+
+class RunFolderError(RuntimeError):
+    """The output folder holds a run made with different settings (or is not a run folder)."""
+
+
+# -- atomic writers --------------------------------------------------------------------------------
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    return _atomic_write(path, lambda h: h.write(json.dumps(data, indent=2, sort_keys=True) + "\n"), "w")
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return _atomic_write(path, lambda h: h.write(text), "w")
+
+
+def write_png_atomic(path: Path, array: np.ndarray) -> Path:
+    """uint8 (H, W) or (H, W, 3), or float (H, W) in [0, 1], as a PNG."""
+    from PIL import Image
+
+    if array.dtype != np.uint8:
+        array = np.uint8(np.clip(np.asarray(array, np.float32), 0, 1) * 255 + 0.5)
+    return _atomic_write(path, lambda h: Image.fromarray(array).save(h, format="PNG"))
+
+
+def write_npy_atomic(path: Path, array: np.ndarray) -> Path:
+    return _atomic_write(path, lambda h: np.save(h, np.asarray(array, np.float32)))
+
+
+def safe_name(text: str) -> str:
+    """File-safe name for an image id; a short hash keeps distinct ids distinct after cleaning."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "image"
+    if cleaned != str(text):
+        cleaned = f"{cleaned[:80]}-{hashlib.sha1(str(text).encode()).hexdigest()[:8]}"
+    return cleaned
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+def load_image_records(source: str | Path) -> list[dict[str, Any]]:
+    """Records {"id", "image" (path), ...} from a phantom folder, an image folder or a CSV.
+
+    Uses the datasets loaders: a phantom folder (metadata.jsonl present) through
+    `read_phantom_folder` (ground-truth masks, chest boxes and shortcut flags come along); a folder
+    of images or a CSV (image path column relative to the CSV's folder, optional id column and
+    x0, y0, x1, y1 chest box columns) through `read_image_folder`. The first view of each record is used.
+    """
+    from cyclex.datasets.folder import read_image_folder
+
+    src = Path(source)
+    if src.is_dir() and (src / "metadata.jsonl").is_file():
+        from cyclex.datasets.phantom import read_phantom_folder
+
+        return [dict(r) for r in read_phantom_folder(src)]
+    if src.is_dir():
+        items = read_image_folder(src)
+    elif src.is_file() and src.suffix.lower() == ".csv":
+        items = read_image_folder(src.parent, src)
+    else:
+        raise FileNotFoundError(f"--images {src}: expected a folder of images, a phantom folder or a .csv file")
+    records = []
+    for item in items:
+        record: dict[str, Any] = {"id": item.id, "image": str(item.image_paths[0])}
+        box = [item.meta.get(k) for k in ("x0", "y0", "x1", "y1")]
+        if all(v not in (None, "") for v in box):
+            try:
+                record["chest_box"] = [int(float(v)) for v in box]
+            except ValueError as err:
+                raise ValueError(f"{src}: record {item.id!r} has a non-numeric chest box {box}") from err
+        records.append(record)
+    return records
+
+
+# -- the run -----------------------------------------------------------------------------------------
+def _check_config(out: Path, config: dict[str, Any], overwrite: bool) -> None:
+    path = out / CONFIG_NAME
+    if overwrite and out.exists():
+        for name in ("items", "records"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (RESULTS_NAME, SUMMARY_NAME, CONFIG_NAME):
+            (out / name).unlink(missing_ok=True)
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        strip = lambda c: {k: v for k, v in c.items() if k not in _NON_RESULT_SETTINGS}  # noqa: E731
+        if strip(previous) != strip(config):
+            changed = sorted(k for k in set(previous) | set(config)
+                             if k not in _NON_RESULT_SETTINGS and previous.get(k) != config.get(k))
+            raise RunFolderError(
+                f"{out} holds a run made with different settings (differs in: {', '.join(changed)}); "
+                "use another --out or pass --overwrite to start over"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise RunFolderError(f"{out} exists, is not empty and has no {CONFIG_NAME}; refusing to write into it")
+    write_json_atomic(path, config)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _write_item(out: Path, record: Mapping[str, Any], result: CycleResult, settings: dict[str, Any]) -> dict[str, Any]:
+    """PNGs and maps of one item, then its record (written last: it marks the item finished)."""
+    image_dir = safe_name(result.image_id)
+    rel = Path("items") / image_dir / finding_slug(result.finding)
+    files = {
+        "query": rel / "query.png",
+        "counterfactual": rel / "counterfactual.png",
+        "difference": rel / "difference.png",
+        "frame": rel / "frame.png",
+        "signed_npy": rel / "signed.npy",
+        "positive_npy": rel / "positive.npy",
+    }
+    write_png_atomic(out / files["query"], result.query)
+    write_png_atomic(out / files["counterfactual"], result.counterfactual)
+    write_png_atomic(out / files["difference"], show_map_on_image(result.query, normalize_map(result.positive)))
+    write_png_atomic(out / files["frame"], draw_frame(result.query, result.frame))
+    write_npy_atomic(out / files["signed_npy"], result.difference)
+    write_npy_atomic(out / files["positive_npy"], result.positive)
+    for name, array in result.extras.items():
+        key = f"{safe_name(name)}_npy"
+        files[key] = rel / f"{safe_name(name)}.npy"
+        write_npy_atomic(out / files[key], array)
+    masks = record.get("masks") or {}
+    mask_source = masks.get(result.finding)
+    line = result.to_record()
+    line.pop("maker", None)
+    timings = result.maker_details.get("seconds_per_item", {})
+    line.update({
+        "files": {k: str(v) for k, v in files.items()},
+        "settings": settings,
+        "maker_details": {k: v for k, v in result.maker_details.items() if k != "seconds_per_item"},
+        "timings": timings,
+        "mask_png": None,
+    })
+    line.update({f"{k}_png" if not k.endswith("_npy") else k: str(v) for k, v in files.items()})
+    if mask_source:
+        mask_path = Path(mask_source)
+        if not mask_path.is_file():
+            raise FileNotFoundError(f"record {result.image_id!r}: mask for {result.finding} at {mask_path} does not exist")
+        target = rel / "mask.png"
+        _atomic_write(out / target, lambda h: h.write(mask_path.read_bytes()))
+        line["mask_png"] = str(target)
+    for key in ("shortcut", "shortcut_box"):
+        if key in record:
+            line[key] = _jsonable(record[key])
+    line = _jsonable(line)
+    write_json_atomic(out / "records" / image_dir / f"{finding_slug(result.finding)}.json", line)
+    return line
+
+
+def _finished(out: Path, image_id: str) -> tuple[bool, set[str]]:
+    folder = out / "records" / safe_name(image_id)
+    if not folder.is_dir():
+        return False, set()
+    done = {json.loads(p.read_text())["finding"] for p in folder.glob("*.json") if not p.name.startswith("_")}
+    return (folder / "_complete.json").is_file(), done
+
+
+def collect_results(out: Path, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Finished result lines in input order, findings in vocabulary order."""
+    lines = []
+    for record in records:
+        folder = out / "records" / safe_name(str(record["id"]))
+        if not folder.is_dir():
+            continue
+        items = [json.loads(p.read_text()) for p in folder.glob("*.json") if not p.name.startswith("_")]
+        items.sort(key=lambda r: ABNORMALITIES.index(r["finding"]))
+        lines.extend(items)
+    return lines
+
+
+def _write_results(out: Path, records: Sequence[Mapping[str, Any]], config: Mapping[str, Any],
+                   seconds: float) -> dict[str, Any]:
+    lines = collect_results(out, records)
+    write_text_atomic(out / RESULTS_NAME, "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
+    complete = sum((out / "records" / safe_name(str(r["id"])) / "_complete.json").is_file() for r in records)
+    rate = cyclic_rate(lines)
+    summary = {
+        **rate,
+        "n_images": len(records),
+        "n_images_done": complete,
+        "n_collateral_added": sum(bool(line["collateral_added"]) for line in lines),
+        "n_collateral_lost": sum(bool(line["collateral_lost"]) for line in lines),
+        "settings": dict(config),
+        "seconds_this_run": round(seconds, 3),
+        "results": RESULTS_NAME,
+    }
+    write_json_atomic(out / SUMMARY_NAME, summary)
+    return summary
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]explain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled, transient=False)
+
+
+def run_explainer(
+    explainer: CyclicExplainer,
+    records: Sequence[Mapping[str, Any]],
+    out: str | Path,
+    *,
+    findings: Sequence[str] | None = None,
+    batch_size: int = 8,
+    image_size: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    run_settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Explain every record with `explainer` into the run folder `out`; returns the summary dict.
+
+    records: dicts with "id", "image" (path or (H, W) array in [0, 1]) and optionally "chest_box"
+    (x0, y0, x1, y1) and "masks" ({finding: mask png path}). findings: restrict removals to these.
+    run_settings: extra settings recorded in run_config.json (generator spec, tailored folder ...).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = Path(out)
+    ids = [str(r.get("id", "")) for r in records]
+    if any(not i for i in ids):
+        raise ValueError("every record needs a non-empty 'id'")
+    if len(set(ids)) != len(ids):
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"image ids must be unique; repeated: {duplicates[:5]}")
+    wanted = sorted({canonical_finding(f) for f in findings}, key=ABNORMALITIES.index) if findings else None
+    config = _jsonable({
+        **dict(run_settings or {}),
+        **explainer.settings(),
+        "findings": wanted,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "images": len(records),
+    })
+    _check_config(out, config, overwrite)
+    settings = {k: v for k, v in config.items() if k not in _NON_RESULT_SETTINGS}
+    start = time.perf_counter()
+    todo = []
+    for record in records:
+        complete, done = _finished(out, str(record["id"]))
+        if not complete:
+            todo.append((record, done))
+    logger.info("%s: %d of %d images left to explain", out, len(todo), len(records))
+    with _progress(progress) as bar:
+        task = bar.add_task("explain", total=len(records), completed=len(records) - len(todo))
+        for start_index in range(0, len(todo), batch_size):
+            chunk = todo[start_index:start_index + batch_size]
+            # per image: the wanted findings not finished yet (explain keeps those present in the report)
+            per_image = [[f for f in (wanted or ABNORMALITIES) if f not in done] for _, done in chunk]
+            boxes = [tuple(r["chest_box"]) if r.get("chest_box") is not None else None for r, _ in chunk]
+            results = explainer.explain(
+                [r["image"] for r, _ in chunk], findings=per_image, chest_boxes=boxes,
+                image_ids=[str(r["id"]) for r, _ in chunk], image_size=image_size,
+            )
+            for result in results:
+                _write_item(out, chunk[result.image_index][0], result, settings)
+            for record, _ in chunk:
+                _, done = _finished(out, str(record["id"]))
+                write_json_atomic(out / "records" / safe_name(str(record["id"])) / "_complete.json",
+                                  {"id": str(record["id"]), "findings": sorted(done, key=ABNORMALITIES.index)})
+            _write_results(out, records, config, time.perf_counter() - start)
+            bar.advance(task, len(chunk))
+    return _write_results(out, records, config, time.perf_counter() - start)
+
+
+def load_labeler_spec(spec: str):
+    """A labeler from "rules", "chexbert:PATH[::TOKENIZER]" (C2 `load_labeler`) or "python:module:attr"
+    (an object with .label, or a class / zero-argument factory making one)."""
+    if spec.startswith("python:"):
+        import importlib
+
+        module_name, sep, attribute = spec[len("python:"):].rpartition(":")
+        if not sep or not module_name:
+            raise ValueError(f"labeler spec {spec!r}: expected python:package.module:attribute")
+        target = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            if not hasattr(target, part):
+                raise ValueError(f"labeler spec {spec!r}: {module_name} has no attribute {attribute!r}")
+            target = getattr(target, part)
+        labeler = target if hasattr(target, "label") and not isinstance(target, type) else target()
+        if not hasattr(labeler, "label"):
+            raise ValueError(f"labeler spec {spec!r} did not give an object with .label(reports)")
+        return labeler
+    from cyclex.labelers import load_labeler
+
+    return load_labeler(spec)
+
+
+def run_explain(
+    generator,
+    tailored_dir: str | Path,
+    records: Sequence[Mapping[str, Any]] | str | Path,
+    out: str | Path,
+    *,
+    labeler=None,
+    variant: str = "ddim",
+    checkpoint: str = "best_psnr",
+    steps: int = 50,
+    guidance: float = 7.5,
+    strength: float = 1.0,
+    findings: Sequence[str] | None = None,
+    batch_size: int = 8,
+    image_size: int | None = None,
+    frame_threshold: float | str | Mapping[str, float] = "stable",
+    frame_k: int = 5,
+    estimate_chest_boxes: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    device=None,
+    generator_spec: str | None = None,
+    labeler_spec: str | None = None,
+    maker_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load the tailored SD, explain `records` (or the folder / CSV they come from) into `out`.
+
+    The one call behind `cyclex explain` and the demo. Returns the summary dict (also summary.json).
+    """
+    if isinstance(records, (str, Path)):
+        source = str(records)
+        records = load_image_records(records)
+    else:
+        source = None
+    if labeler is None and labeler_spec:
+        labeler = load_labeler_spec(labeler_spec)
+    explainer = CyclicExplainer.from_pretrained(
+        tailored_dir, generator=generator, labeler=labeler, variant=variant, checkpoint=checkpoint, device=device,
+        explainer_kwargs={"frame_threshold": frame_threshold, "frame_k": frame_k,
+                          "estimate_chest_boxes": estimate_chest_boxes},
+        num_inference_steps=steps, guidance_scale=guidance, strength=strength, **dict(maker_kwargs or {}),
+    )
+    run_settings = {
+        "generator": generator_spec or getattr(getattr(generator, "info", None), "name", type(generator).__name__),
+        "labeler": labeler_spec or type(explainer.labeler).__name__,
+        "tailored": str(Path(tailored_dir).resolve()),
+        "checkpoint": checkpoint,
+        "images_source": source,
+    }
+    return run_explainer(explainer, records, out, findings=findings, batch_size=batch_size, image_size=image_size,
+                         overwrite=overwrite, progress=progress, run_settings=run_settings)
+
+
+def read_results(out: str | Path) -> list[dict[str, Any]]:
+    """The result lines of a run folder."""
+    path = Path(out) / RESULTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; is {out} a cyclex run folder?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def iter_items(out: str | Path) -> Iterable[tuple[dict[str, Any], Path]]:
+    """(result line, item folder) pairs, for report writers."""
+    root = Path(out)
+    for line in read_results(root):
+        yield line, root / Path(line["files"]["query"]).parent

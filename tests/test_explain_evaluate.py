@@ -1,0 +1,124 @@
+"""`cyclex evaluate`: a hand-made run folder in the engine's layout gains metrics, aggregates, figures."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cyclex.cli import app
+from cyclex.explain.evaluate_run import EvaluationConfig, RunFormatError, evaluate_run, read_results
+from cyclex.explain.figures import plot_cpg_distribution, plot_hit_rate_curves, plot_roc_curves
+
+
+def write_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.uint8(np.clip(array, 0, 1) * 255 + 0.5)).save(path)
+
+
+def make_run(tmp_path, with_signed=True):
+    """Two items: the counterfactual removes a bright 6x6 blob (the mask), plus a text marker outside
+    the chest box that also changes (seed 000's artefact)."""
+    run = tmp_path / "run"
+    lines = []
+    rng = np.random.default_rng(0)
+    for i, finding in enumerate(["Cardiomegaly", "Pleural Effusion"]):
+        background = 0.2 + 0.1 * rng.random((32, 32))
+        mask = np.zeros((32, 32), dtype=bool)
+        mask[10 + i:16 + i, 12:18] = True
+        query = background + 0.5 * mask
+        query[0:4, 0:4] = 0.95  # marker, outside the chest box
+        counterfactual = background.copy()
+        rel = f"items/img{i}/{finding.lower().replace(' ', '-')}"
+        write_png(run / rel / "query.png", query)
+        write_png(run / rel / "counterfactual.png", counterfactual)
+        write_png(run / rel / "mask.png", mask.astype(float))
+        line = {"image_id": f"img{i}", "finding": finding, "verified": i == 0, "chest_box": [4, 4, 30, 30],
+                "query_png": f"{rel}/query.png", "counterfactual_png": f"{rel}/counterfactual.png",
+                "diff_png": f"{rel}/difference.png", "mask_png": f"{rel}/mask.png"}
+        if with_signed:
+            np.save(run / rel / "signed.npy", (query - counterfactual).astype(np.float32))
+            line["signed_npy"] = f"{rel}/signed.npy"
+        lines.append(line)
+    (run / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (run / "summary.json").write_text(json.dumps({"cyclic_rate": 0.5}))
+    return run
+
+
+class BlobClassifier:
+    """logit = 10 * mean brightness of rows 8..20 (where the blobs are); encode = (mean, 1)."""
+
+    class_names = ("Cardiomegaly", "Pleural Effusion")
+
+    def __call__(self, images):
+        value = 10 * images[:, 0, 8:20, 10:20].flatten(1).mean(1)
+        return torch.stack([value, value], dim=1)
+
+    def encode(self, images):
+        return torch.stack([images.flatten(1).mean(1), torch.ones(len(images))], dim=1)
+
+
+def test_evaluate_run_writes_metrics_summary_and_figures(tmp_path):
+    run = make_run(tmp_path)
+    summary = evaluate_run(run, classifier=BlobClassifier())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["image_id"] for r in rows] == ["img0", "img1"]
+    first = rows[0]
+    # the blob alone carries 0.5 * 36 px out of the 10 x 12 classifier window (8-bit PNG rounding aside)
+    assert first["cpg"] == pytest.approx(10 * 0.5 * 36 / 120, abs=0.05)
+    assert first["full/auc"] == pytest.approx(1.0)  # the positive map is exactly the blob inside the box
+    assert first["full/hit@1"] == 1.0
+    assert first["lpips"] is None and "lpips" in first["cf_failed"]  # no LPIPS metric given
+    assert first["cf_score"] == 5 - len(first["cf_failed"])
+    assert summary["all"]["count"] == 2 and summary["verified"]["count"] == 1
+    assert summary["all"]["mean"]["cpg"] == pytest.approx(np.mean([r["cpg"] for r in rows]))
+    stored = json.loads((run / "summary.json").read_text())
+    assert stored["cyclic_rate"] == 0.5 and stored["metrics"]["all"]["count"] == 2  # engine keys kept
+    assert stored["metrics"]["curves"]["full"]["roc"]["auc"] == pytest.approx(1.0)
+    for name in ("cpg", "hit_rate", "roc", "threshold_iou"):
+        path = run / summary["figures"][name]
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chest_box_removes_the_marker_artefact(tmp_path):
+    run = make_run(tmp_path, with_signed=False)  # difference from the PNGs
+    rows_with_box = evaluate_run(run, classifier=None, config=EvaluationConfig(draw_figures=False))
+    lines = read_results(run)
+    for line in lines:
+        line["chest_box"] = None
+    (run / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows_without_box = evaluate_run(run, classifier=None, config=EvaluationConfig(draw_figures=False))
+    # the marker outside the chest is the map's maximum: without the box the top-1 % misses the blob
+    assert rows_with_box["all"]["mean"]["full/hit@1"] == 1.0
+    assert rows_without_box["all"]["mean"]["full/hit@1"] == 0.0
+    assert rows_with_box["all"]["mean"]["full/ncc"] > rows_without_box["all"]["mean"]["full/ncc"]
+
+
+def test_run_format_errors(tmp_path):
+    with pytest.raises(RunFormatError, match="results.jsonl not found"):
+        evaluate_run(tmp_path)
+    (tmp_path / "results.jsonl").write_text(json.dumps({"image_id": "a", "finding": "Edema"}) + "\n")
+    with pytest.raises(RunFormatError, match="missing keys"):
+        evaluate_run(tmp_path)
+
+
+def test_cli_evaluate(tmp_path):
+    run = make_run(tmp_path)
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--classifier", "none", "--encoder", "none",
+                                      "--lpips", "none"])
+    assert result.exit_code == 0, result.output
+    assert "full/auc" in result.output
+    assert (run / "metrics.jsonl").is_file() and (run / "figures" / "roc.png").is_file()
+    missing = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope"), "--classifier", "none",
+                                       "--encoder", "none", "--lpips", "none"])
+    assert missing.exit_code == 1 and "results.jsonl not found" in " ".join(missing.output.split())
+
+
+def test_figure_writers_check_their_input(tmp_path):
+    path = plot_cpg_distribution([0.5, -0.2, float("nan"), 1.0], tmp_path / "cpg.png")
+    assert path.is_file()
+    assert plot_roc_curves({"a": ([0, 0.5, 1], [0, 0.8, 1], 0.8)}, tmp_path / "roc.png").is_file()
+    with pytest.raises(ValueError, match="shapes"):
+        plot_hit_rate_curves({"a": ([1, 2], [0.5])}, tmp_path / "bad.png")
