@@ -110,7 +110,7 @@ def explain(
     tailored: str = typer.Option(..., "--tailored", help="tailored Stable Diffusion folder (cyclex train-sd output)"),
     images: str = typer.Option(..., "--images", help="folder of images, phantom folder (metadata.jsonl) or CSV"),
     out: str = typer.Option(..., "--out", help="run folder (created; re-running resumes)"),
-    findings: list[str] = typer.Option(None, "--findings", help="only remove these findings (repeat the option)"),
+    findings: list[str] = typer.Option(None, "--findings", help="only remove these findings (repeat the option or separate by commas)"),
     variant: str = typer.Option("ddim", "--variant", help="counterfactual maker (registered variant name)"),
     steps: int = typer.Option(50, "--steps", help="DDIM steps T"),
     guidance: float = typer.Option(7.5, "--guidance", help="classifier-free guidance omega"),
@@ -119,6 +119,8 @@ def explain(
     batch_size: int = typer.Option(8, "--batch-size", help="images per engine batch"),
     labeler: str = typer.Option("rules", "--labeler", help="'rules', 'chexbert:PATH[::TOKENIZER]' or python:mod:attr"),
     frame_threshold: str = typer.Option("stable", "--frame-threshold", help="L on 0-255, or 'stable'"),
+    frame_normalize: bool = typer.Option(False, "--frame-normalize/--no-frame-normalize",
+                                         help="stretch |I - CF| to a maximum of 255 before thresholding"),
     image_size: int = typer.Option(None, "--image-size", help="resize inputs to this side (needed for mixed sizes)"),
     estimate_chest_box: bool = typer.Option(False, "--estimate-chest-box/--no-estimate-chest-box",
                                             help="mask maps to an Otsu chest box when the input gives none"),
@@ -137,11 +139,15 @@ def explain(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
     try:
-        threshold = frame_threshold if frame_threshold == "stable" else float(frame_threshold)
+        try:
+            threshold = frame_threshold if frame_threshold == "stable" else float(frame_threshold)
+        except ValueError:
+            raise ValueError(f"--frame-threshold must be a number on 0-255 or 'stable', got {frame_threshold!r}") from None
+        names = [name.strip() for value in (findings or []) for name in value.split(",") if name.strip()]
         summary = run_explain(
             load_generator(generator), tailored, images, out, labeler_spec=labeler, variant=variant,
-            checkpoint=checkpoint, steps=steps, guidance=guidance, strength=strength, findings=findings or None,
-            batch_size=batch_size, image_size=image_size, frame_threshold=threshold,
+            checkpoint=checkpoint, steps=steps, guidance=guidance, strength=strength, findings=names or None,
+            batch_size=batch_size, image_size=image_size, frame_threshold=threshold, frame_normalize=frame_normalize,
             estimate_chest_boxes=estimate_chest_box, overwrite=overwrite, device=device, generator_spec=generator,
         )
     except (FileNotFoundError, ValueError, KeyError, RunFolderError, UnknownFindingError) as error:
@@ -153,3 +159,152 @@ def explain(
     for finding, entry in summary["per_finding"].items():
         console.print(f"  {finding}: {entry['cyclic_rate']:.3f} ({entry['n_verified']}/{entry['n']})")
     console.print(f"results: {out}/results.jsonl, summary: {out}/summary.json")
+
+
+@app.command("train-tailored")
+def train_tailored_command(
+    generator: str = typer.Option(..., "--generator", help="generator spec, e.g. 'demo:clean', 'hf:PATH', 'r2gen:...'"),
+    images: str = typer.Option(..., "--images", help="the generator's training images: a folder (phantom folder or "
+                               "image files) or a CSV with image[, id, report] columns"),
+    base: str = typer.Option(..., "--base", help="base Stable Diffusion: a local diffusers folder or a hub id"),
+    out: str = typer.Option(..., "--out", help="output folder of the tailored SD"),
+    prompt_source: str = typer.Option("generated", "--prompt-source", help="'generated' (CVLM) or 'ground-truth'"),
+    labeler: str = typer.Option("rules", "--labeler", help="'rules' or 'chexbert:PATH[::TOKENIZER_DIR]'"),
+    template: str = typer.Option("cvlm", "--template", help="prompt template: 'cvlm' or 'prism'"),
+    max_steps: int = typer.Option(None, "--max-steps", help="training steps (default: the config's 100k)"),
+    resolution: int = typer.Option(None, "--resolution", help="image side in pixels (default 512)"),
+    batch_size: int = typer.Option(None, "--batch-size", help="training batch per process (default 8)"),
+    learning_rate: float = typer.Option(None, "--learning-rate", help="default 5e-5"),
+    checkpointing_steps: int = typer.Option(None, "--checkpointing-steps", help="default 5000"),
+    generation_batch_size: int = typer.Option(16, "--generation-batch-size", help="images per generator call"),
+    select: bool = typer.Option(True, "--select/--no-select", help="run checkpoint selection after training"),
+) -> None:
+    """Build the tailored data set from the generator's own reports, train the tailored SD, select checkpoints.
+
+    For several GPUs or nodes, train the built data set with
+    `accelerate launch -m cyclex.tailored_training --manifest OUT/dataset/manifest.jsonl --base ... --out ...`.
+    """
+    import dataclasses
+    import logging
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from cyclex.adapters import load_generator
+    from cyclex.labelers import load_labeler
+    from cyclex.tailored_training import (
+        TailoredTrainingConfig,
+        build_tailored_dataset,
+        check_base_model,
+        read_image_source,
+        select_checkpoints,
+        train_tailored,
+    )
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    console = Console()
+    overrides = {"max_train_steps": max_steps, "resolution": resolution, "train_batch_size": batch_size,
+                 "learning_rate": learning_rate, "checkpointing_steps": checkpointing_steps}
+    try:
+        config = dataclasses.replace(TailoredTrainingConfig(), **{k: v for k, v in overrides.items() if v is not None})
+        check_base_model(base)
+        records = read_image_source(images)
+        manifest = build_tailored_dataset(load_generator(generator), records, load_labeler(labeler),
+                                          Path(out) / "dataset", batch_size=generation_batch_size,
+                                          prompt_source=prompt_source, template=template)
+        result = train_tailored(manifest, base, out, config, generator_spec=generator)
+        console.print(f"trained {result.global_step} steps ({result.images_per_s:.1f} images/s) -> {out}")
+        if select:
+            selection = select_checkpoints(out)
+            console.print(f"best PSNR: {selection['best_psnr']}  best L1: {selection['best_l1']}  "
+                          f"best L2: {selection['best_l2']}")
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(code=2) from err
+
+
+@app.command("label")
+def label_command(
+    reports_csv: str = typer.Argument(..., help="CSV file with one free-text report per row"),
+    column: str = typer.Option("report", "--column", help="name of the report text column"),
+    labeler: str = typer.Option("rules", "--labeler", help="'rules' or 'chexbert:PATH/chexbert.pth[::TOKENIZER_DIR]'"),
+    out: str = typer.Option(..., "--out", help="labels CSV to write: the report column + 14 findings (1/0/-1/blank)"),
+) -> None:
+    """Label free-text reports with CheXbert's 14 findings, written as a CheXpert-style CSV."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from cyclex.labelers.registry import label_csv
+
+    try:
+        labels = label_csv(reports_csv, out, column=column, labeler=labeler)
+    except (FileNotFoundError, KeyError, ValueError, TypeError, OSError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(message))}")
+        raise typer.Exit(code=2) from None
+    positives = sum(len(row.present(uncertain_as_present=False)) for row in labels)
+    Console().print(f"labelled {len(labels)} reports ({positives} positive findings) -> {out}")
+
+
+@app.command("generate")
+def generate_command(
+    generator: str = typer.Argument(..., help="generator spec: hf:PATH | r2gen:REPO::CKPT::ANN | python:mod:fn | demo:clean"),
+    images: list[str] = typer.Argument(..., help="X-ray files (PNG, JPEG, DICOM, ...)"),
+    out: str = typer.Option(None, "--out", help="CSV to write (image, report); default: print"),
+    batch_size: int = typer.Option(16, "--batch-size", help="images per generator call"),
+) -> None:
+    """Run a report generator over image files; unreadable files are listed and skipped."""
+    import csv
+    import io
+    import os
+    import tempfile
+
+    import numpy as np
+    import torch
+    from rich.console import Console
+    from rich.markup import escape
+
+    from cyclex.adapters import GeneratorError, load_generator
+    from cyclex.datasets.images import ImageReadError, read_image, resize_image
+
+    errors = Console(stderr=True, soft_wrap=True)
+    try:
+        model = load_generator(generator)
+    except (GeneratorError, ValueError, FileNotFoundError, OSError) as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(code=2) from None
+    size = model.info.input_size or (256, 256)
+    readable, failed = [], []
+    for path in images:
+        try:
+            readable.append((path, resize_image(read_image(path), size)))
+        except ImageReadError as error:
+            failed.append(path)
+            errors.print(f"[red]skipped:[/red] {escape(str(error))}")
+    rows = []
+    for start in range(0, len(readable), batch_size):
+        chunk = readable[start:start + batch_size]
+        batch = torch.from_numpy(np.stack([image for _, image in chunk]))[:, None]
+        try:
+            reports = model.generate(batch)
+        except GeneratorError as error:
+            errors.print(f"[red]error:[/red] {escape(str(error))} (files: {', '.join(p for p, _ in chunk)})")
+            failed.extend(p for p, _ in chunk)
+            continue
+        rows.extend(zip([p for p, _ in chunk], reports, strict=True))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image", "report"])
+    writer.writerows(rows)
+    if out:
+        directory = os.path.dirname(os.path.abspath(out))
+        handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        with os.fdopen(handle, "w", newline="") as stream:
+            stream.write(buffer.getvalue())
+        os.replace(temporary, out)
+        Console().print(f"{len(rows)} reports -> {escape(out)}")
+    else:
+        for path, report in rows:
+            Console().print(f"[bold]{escape(path)}[/bold]: {escape(report)}")
+    if failed:
+        raise typer.Exit(code=1)

@@ -1,6 +1,6 @@
 """Train the demo's phantom classifier (13 findings, 64 px) and cache it.
 
-    python scripts/train_phantom_classifier.py [--out DIR] [--n-train 1600] [--steps 700] [--seed 0]
+    python scripts/train_phantom_classifier.py [--out DIR] [--n-train 1600] [--steps 600] [--seed 0]
 
 Default output: $CYCLEX_HOME/demo/classifier (CYCLEX_HOME defaults to ~/.cache/cyclex).
 """
@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: %(default)s -> cache)")
     parser.add_argument("--n-train", type=int, default=1600)
     parser.add_argument("--n-val", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -17,7 +17,12 @@ from cyclex.adapters import (
     load_generator,
 )
 from cyclex.adapters.registry import parse_options
-from cyclex.demo.generators import DemoGeneratorConfig, build_demo_model, demo_image_processor, train_report_tokenizer
+from cyclex.demo.generators import (
+    DemoGeneratorConfig,
+    build_demo_model,
+    demo_image_processor,
+    train_report_tokenizer,
+)
 
 REPORTS = ["Heart size is normal. No pleural effusion.", "Cardiomegaly. Small left pleural effusion.",
            "Describe the findings. Possible pneumothorax."] * 4
@@ -212,3 +217,31 @@ def test_python_spec_wraps_a_function(tmp_path, monkeypatch):
 def test_bad_specs_are_explained(spec, message):
     with pytest.raises(GeneratorSpecError, match=message):
         load_generator(spec)
+
+
+# ---------------------------------------------------------------------- CLI
+def test_cli_generate_skips_bad_files_and_keeps_the_rest(tmp_path, monkeypatch):
+    import csv
+
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cyclex.cli import app
+
+    (tmp_path / "cli_reporter.py").write_text(
+        "def describe(images):\n    return ['bright' if float(i.mean()) > 0.5 else 'dark' for i in images]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    Image.fromarray(np.full((20, 30), 250, np.uint8)).save(tmp_path / "bright.png")
+    Image.fromarray(np.full((40, 40), 5, np.uint8)).save(tmp_path / "dark.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    truncated = (tmp_path / "bright.png").read_bytes()[:40]
+    (tmp_path / "truncated.png").write_bytes(truncated)
+    files = [str(tmp_path / name) for name in ("bright.png", "empty.png", "dark.png", "truncated.png")]
+    out = tmp_path / "reports.csv"
+    result = CliRunner().invoke(app, ["generate", "python:cli_reporter:describe", *files, "--out", str(out)])
+    assert result.exit_code == 1
+    assert "empty.png" in result.output and "truncated.png" in result.output
+    rows = list(csv.DictReader(out.open()))
+    assert [(row["image"].rsplit("/", 1)[-1], row["report"]) for row in rows] == [("bright.png", "bright"),
+                                                                                   ("dark.png", "dark")]

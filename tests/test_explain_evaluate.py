@@ -122,3 +122,57 @@ def test_figure_writers_check_their_input(tmp_path):
     assert plot_roc_curves({"a": ([0, 0.5, 1], [0, 0.8, 1], 0.8)}, tmp_path / "roc.png").is_file()
     with pytest.raises(ValueError, match="shapes"):
         plot_hit_rate_curves({"a": ([1, 2], [0.5])}, tmp_path / "bad.png")
+
+
+def test_cli_specs(tmp_path, monkeypatch):
+    from cyclex.explain.evaluate_run import load_classifier_spec, load_encoder_spec, load_lpips_spec
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert load_lpips_spec("auto") is None  # no AlexNet weights here: skipped with a warning
+    assert load_lpips_spec("none") is None
+    with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth"):
+        load_lpips_spec("alex")
+    assert load_classifier_spec("none") is None
+    with pytest.raises(ValueError, match="classifier spec"):
+        load_classifier_spec("resnet")
+    with pytest.raises(ValueError, match="needs a classifier with an encode"):
+        load_encoder_spec("classifier", None)
+    assert load_encoder_spec("classifier", BlobClassifier()) is not None
+    with pytest.raises(ValueError, match="encoder spec"):
+        load_encoder_spec("siglip:x", None)
+
+
+def test_evaluate_a_run_folder_written_by_the_engine(tmp_path):
+    """The engine's own run folder (its test fakes: a painting maker on 32 px queries) gains metrics."""
+    from cycle_fakes import HEART, KeywordLabeler, PaintingMaker, brightness_generator, query
+
+    from cyclex.cycle import CyclicExplainer
+    from cyclex.cycle.run_folder import run_explainer
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image_path = folder / "a.png"
+    Image.fromarray(np.uint8(query(0.9, 0.9, 0.1)[0].numpy() * 255 + 0.5)).save(image_path)
+    mask = np.zeros((32, 32), np.uint8)
+    y0, y1, x0, x1 = HEART
+    mask[y0:y1, x0:x1] = 255
+    Image.fromarray(mask).save(folder / "a__cardiomegaly.png")
+    records = [{"id": "a", "image": str(image_path), "chest_box": [0, 0, 32, 32],
+                "masks": {"Cardiomegaly": str(folder / "a__cardiomegaly.png")}}]
+    explainer = CyclicExplainer(brightness_generator(), KeywordLabeler(), PaintingMaker(), frame_threshold=95)
+    run = tmp_path / "run"
+    run_explainer(explainer, records, run, progress=False)
+
+    def heart_logit(images):
+        return 10 * images[:, 0, y0:y1, x0:x1].flatten(1).mean(1, keepdim=True)
+
+    from cyclex.explain.effectiveness import CallableClassifier
+
+    summary = evaluate_run(run, classifier=CallableClassifier(heart_logit, ["Cardiomegaly"]),
+                           config=EvaluationConfig(draw_figures=False))
+    rows = {r["finding"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    heart = rows["Cardiomegaly"]
+    assert heart["full/auc"] == pytest.approx(1.0)  # the painted heart is exactly the mask
+    assert heart["cpg"] > 5  # the heart region darkened by about 0.7 -> logit drop of about 7
+    assert "full/auc" not in rows["Pleural Effusion"]  # no mask for it
+    assert summary["all"]["count"] == len(rows)

@@ -33,7 +33,7 @@ def test_training_writes_a_loadable_folder(trained):
     loaded = load_phantom_classifier(out, train_if_missing=False)
     x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded(x), classifier(x))
-    assert loaded(x).shape == (3, 13) and loaded.encode(x).shape == (3, 16)
+    assert loaded(x).shape == (3, 13) and loaded.encode(x).shape == (3, 32)
     assert loaded.class_names == ABNORMALITIES
 
 

@@ -78,6 +78,9 @@ def test_blur_then_threshold_behaviour():
     faint_q, faint_cf = _blocks(blocks=((20, 20, 20, 20, 0.3),))  # 76.5 < 95
     empty = feature_frame(faint_q, faint_cf, threshold=95)
     assert empty.area == 0 and empty.components == []
+    # normalize stretches D to max 255: the faint square's interior (76.5 -> 255) is kept again
+    stretched = feature_frame(faint_q, faint_cf, threshold=95, normalize=True)
+    assert stretched.area == int((blurred * (255 / blurred.max()) > 95).sum()) and stretched.area >= 400
 
 
 def test_chest_box_masks_out_markers():

@@ -154,3 +154,24 @@ def test_settings_validation_and_registry(pipe):
     assert isinstance(maker, NullTextInversionMaker) and maker.inner_steps == 8
     assert isinstance(create_maker("negative-prompt", pipe, num_inference_steps=4), NegativePromptInversionMaker)
     assert isinstance(create_maker("direct", pipe, num_inference_steps=4), DirectInversionMaker)
+
+
+def test_search_reuses_one_inversion_for_every_strength_and_guidance(nti_run, images):
+    from cyclex.counterfactuals.search import MetricGuidedSearch
+    from cyclex.explain.scores import cf_score
+
+    ld, maker, _ = nti_run
+    makers = {"best_l2": maker, "best_l1": maker.replace(checkpoint="best_l1")}
+    never = lambda factual, cfs, finding: [cf_score(1.0, 0.0, 1.0, 0.0, 0.0) for _ in range(cfs.shape[0])]  # noqa: E731
+    search = MetricGuidedSearch(makers, never, lambda imgs, f: [False] * len(f), null_settings=("default",),
+                                strengths=(1.0, 0.8), guidances=(7, 9))
+    before = ld.unet_calls
+    result = search.search(images[0], SOURCE[0], TARGET[0], "Cardiomegaly")
+    assert not result.accepted and len(result.attempts) == 2 * 2 * 2
+    assert result.unet_calls == ld.unet_calls - before
+    # best_l2 was inverted by the fixture (cache hit): its attempts cost sampling only,
+    # 2 (CFG) x 2 guidances x (5 + 4 steps) for delta 1.0 and 0.8.
+    best_l2_calls = sum(a["unet_calls"] for a in result.attempts if a["checkpoint"] == "best_l2")
+    assert best_l2_calls == 2 * 2 * (5 + 4)
+    best_l1_calls = sum(a["unet_calls"] for a in result.attempts if a["checkpoint"] == "best_l1")
+    assert best_l1_calls > best_l2_calls + STEPS  # its own pivot and null-text fit

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from cycle_fakes import HEART, KeywordLabeler, PaintingMaker, brightness_generator, query
 from PIL import Image
 from typer.testing import CliRunner
@@ -168,10 +167,10 @@ def test_cli_explain_on_a_tiny_tailored_sd(tmp_path):
 
 def test_phantom_folder_records_carry_masks_and_chest_boxes(tmp_path):
     from cyclex.counterfactuals.base import CounterfactualMaker, CounterfactualOutput
-    from cyclex.datasets.phantom import make_phantoms, write_phantom_folder
+    from cyclex.datasets.phantom import PhantomConfig, ShortcutConfig, make_phantoms, write_phantom_folder
     from cyclex.labelers import RuleLabeler
 
-    phantoms = make_phantoms(4, seed=0)
+    phantoms = make_phantoms(4, seed=0, config=PhantomConfig(shortcut=ShortcutConfig(rate_without_finding=1.0)))
     write_phantom_folder(phantoms, tmp_path / "phantoms")
     records = rf.load_image_records(tmp_path / "phantoms")
     assert [r["id"] for r in records] == [p.id for p in phantoms]
@@ -201,3 +200,7 @@ def test_phantom_folder_records_carry_masks_and_chest_boxes(tmp_path):
         with Image.open(tmp_path / "run" / line["mask_png"]) as png:
             np.testing.assert_array_equal(np.asarray(png) > 0, phantom.masks[line["finding"]])
         assert line["shortcut"] == phantom.shortcut
+        if phantom.shortcut:
+            with Image.open(tmp_path / "run" / line["shortcut_mask_png"]) as png:
+                np.testing.assert_array_equal(np.asarray(png) > 0, phantom.shortcut_mask)
+    assert any(line.get("shortcut_mask_png") for line in lines)

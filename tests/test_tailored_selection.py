@@ -52,6 +52,19 @@ def test_selection_picks_the_known_best_checkpoint(tmp_path):
     out = tmp_path / "out"
     train_tailored(manifest, base, out, cfg)
     ckpts = out / "checkpoints"
+    # A random VAE decodes every latent to nearly the same gray image, which would make all checkpoints
+    # tie; fit the pipeline's VAE to the validation images first so reconstructions can be told apart.
+    from diffusers import AutoencoderKL
+
+    from cyclex.demo.base_sd import train_phantom_vae
+
+    split = json.loads((out / "split.json").read_text())
+    rows = {json.loads(line)["id"]: json.loads(line) for line in manifest.read_text().splitlines()}
+    val_images = torch.stack([torch.from_numpy(load_gray_image(rows[i]["image"], 32))[None] for i in split["validation"]])
+    vae = AutoencoderKL.from_pretrained(out, subfolder="vae")
+    torch.manual_seed(0)
+    train_phantom_vae(vae, val_images, steps=80, batch_size=len(val_images), learning_rate=3e-3)
+    vae.save_pretrained(out / "vae")
     # eps == 0 everywhere: DDIM inversion and sampling are exact inverse rescalings, so the reconstruction
     # is the VAE round trip; a 30x noise prediction wrecks it; the third checkpoint is in between.
     _set_unet(ckpts / "checkpoint-000001", 30.0)
@@ -68,8 +81,6 @@ def test_selection_picks_the_known_best_checkpoint(tmp_path):
     # The known value: PSNR of the VAE round trip of the validation images (computed independently).
     pipe = load_tailored_pipeline(out)  # best_psnr -> the folder's unet/, now checkpoint 2's zero output layer
     assert float(pipe.unet.conv_out.weight.abs().max()) == 0.0
-    split = json.loads((out / "split.json").read_text())
-    rows = {json.loads(line)["id"]: json.loads(line) for line in manifest.read_text().splitlines()}
     psnrs = []
     for image_id in split["validation"]:
         image = load_gray_image(rows[image_id]["image"], 32)

@@ -1,9 +1,10 @@
 """Counterfactual makers: one file per variant, one interface (`CounterfactualMaker`).
 
 Variants register a factory under a name; the engine and the CLI build makers through
-`create_maker(name, pipe, **settings)` and never branch on the name. A variant module that is not
-registered yet is imported on first use (`cyclex.counterfactuals.<name>`), and registers itself
-there with `register_maker`.
+`create_maker(name, pipe, **settings)` and never branch on the name. Names not registered yet are
+looked up on first use by importing, in order: the module `cyclex.counterfactuals.<name>` (dashes
+as underscores), every `cyclex.counterfactuals.registry_*` module, and the `cyclex.makers` entry
+points of installed packages; each of these registers its variants with `register_maker`.
 """
 
 from __future__ import annotations
@@ -24,18 +25,41 @@ def register_maker(name: str, factory: MakerFactory) -> None:
     _MAKERS[name.strip().lower()] = factory
 
 
+_DISCOVERED = False
+
+
+def _discover() -> None:
+    """Import the registry_* modules of this package and the `cyclex.makers` entry points (once)."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import pkgutil
+    from importlib.metadata import entry_points
+
+    for module in pkgutil.iter_modules(__path__):
+        if module.name.startswith("registry_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+    for entry in entry_points(group="cyclex.makers"):
+        register_maker(entry.name, entry.load())
+
+
 def available_makers() -> tuple[str, ...]:
+    _discover()
     return tuple(sorted(_MAKERS))
 
 
 def get_maker_factory(name: str) -> MakerFactory:
     key = str(name).strip().lower()
-    if key not in _MAKERS and key.isidentifier():
+    module = key.replace("-", "_")
+    if key not in _MAKERS and module.isidentifier():
         try:
-            importlib.import_module(f"cyclex.counterfactuals.{key}")
+            importlib.import_module(f"{__name__}.{module}")
         except ModuleNotFoundError as err:
-            if err.name != f"cyclex.counterfactuals.{key}":
+            if err.name != f"{__name__}.{module}":
                 raise
+    if key not in _MAKERS:
+        _discover()
     if key not in _MAKERS:
         raise KeyError(f"unknown counterfactual variant {name!r}; registered: {', '.join(available_makers())}")
     return _MAKERS[key]

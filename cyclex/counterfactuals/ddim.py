@@ -79,7 +79,7 @@ class DDIMCounterfactualMaker(CounterfactualMaker):
         *,
         inversion_guidance: float = 1.0,
         checkpoint_id: str | None = None,
-        cache_size: int = 256,
+        cache_size: int = 64,
     ) -> None:
         if not 0.0 < float(strength) <= 1.0:
             raise ValueError(f"strength (denoising strength delta) must be in (0, 1], got {strength}")

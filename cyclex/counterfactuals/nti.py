@@ -198,6 +198,15 @@ class InvertThenEditMaker(CounterfactualMaker):
         self.attention_control = attention_control
 
     # -- settings ------------------------------------------------------------------------------
+    @property
+    def checkpoint_id(self) -> str:
+        """Alias of `checkpoint` (the name `CyclicExplainer.from_pretrained` sets on makers)."""
+        return self.checkpoint
+
+    @checkpoint_id.setter
+    def checkpoint_id(self, value: str) -> None:
+        self.checkpoint = str(value)
+
     def inversion_settings(self) -> dict[str, Any]:
         return {"method": self.name, **self.ld.describe()}
 

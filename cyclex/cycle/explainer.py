@@ -160,7 +160,8 @@ class CyclicExplainer:
     uncertain_as_present: uncertain findings count as present, both in prompts and in the cycle check.
     template: structured prompt template ("cvlm" or "prism"), as the tailored SD was trained.
     frame_threshold: L on 0-255: a number, "stable" (see `cyclex.explain.frames`) or {finding: L}.
-    frame_k / frame_blur: components kept / Gaussian kernel. estimate_chest_boxes: when no chest box
+    frame_k / frame_blur: components kept / Gaussian kernel. frame_normalize: stretch |I - CF| to a
+    maximum of 255 before thresholding (choice, off by default). estimate_chest_boxes: when no chest box
     is given, estimate one per image (Otsu) and mask the maps to it.
     """
 
@@ -176,6 +177,7 @@ class CyclicExplainer:
         frame_k: int = DEFAULT_K,
         frame_blur: int = DEFAULT_BLUR,
         frame_candidates: Sequence[float] = DEFAULT_THRESHOLD_CANDIDATES,
+        frame_normalize: bool = False,
         estimate_chest_boxes: bool = False,
         seed: int = 0,
     ) -> None:
@@ -195,6 +197,7 @@ class CyclicExplainer:
         self.frame_k = int(frame_k)
         self.frame_blur = int(frame_blur)
         self.frame_candidates = tuple(float(c) for c in frame_candidates)
+        self.frame_normalize = bool(frame_normalize)
         self.estimate_chest_boxes = bool(estimate_chest_boxes)
         self.seed = int(seed)
 
@@ -242,6 +245,7 @@ class CyclicExplainer:
             "frame_k": self.frame_k,
             "frame_blur": self.frame_blur,
             "frame_candidates": list(self.frame_candidates),
+            "frame_normalize": self.frame_normalize,
             "estimate_chest_boxes": self.estimate_chest_boxes,
             "seed": self.seed,
         }
@@ -347,8 +351,9 @@ class CyclicExplainer:
                 box = estimate_chest_box(query)
             _, signed, positive = difference_maps(query, cf, chest_box=box)
             level = resolve_threshold(self.frame_threshold, finding, query, cf, k=self.frame_k, blur=self.frame_blur,
-                                      chest_box=box, candidates=self.frame_candidates)
-            frame = feature_frame(query, cf, threshold=level, k=self.frame_k, blur=self.frame_blur, chest_box=box)
+                                      chest_box=box, candidates=self.frame_candidates, normalize=self.frame_normalize)
+            frame = feature_frame(query, cf, threshold=level, k=self.frame_k, blur=self.frame_blur, chest_box=box,
+                                  normalize=self.frame_normalize)
             before, after = set(self.present(labels_before[i])), set(self.present(labels_after[j]))
             details = dict(made.details[j]) if j < len(made.details) else {}
             results.append(CycleResult(

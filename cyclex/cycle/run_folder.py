@@ -8,7 +8,8 @@ Layout::
       summary.json           Cyclic Rate overall and per finding, counts, seconds
       items/IMAGE/FINDING/   query.png, counterfactual.png, difference.png (positive part, colour),
                              frame.png (contours on the query), signed.npy / positive.npy (float32
-                             maps), mask.png (ground-truth mask, when the input had one)
+                             maps), mask.png (ground-truth mask, when the input had one),
+                             shortcut_mask.png (phantoms with the spurious marker)
       records/IMAGE/FINDING.json   the finished item's result line
       records/IMAGE/_complete.json the image is done (its finished findings listed)
 
@@ -210,6 +211,12 @@ def _write_item(out: Path, record: Mapping[str, Any], result: CycleResult, setti
     for key in ("shortcut", "shortcut_box"):
         if key in record:
             line[key] = _jsonable(record[key])
+    if record.get("shortcut_mask"):  # phantoms: where the spurious marker is, for shortcut audits
+        marker = Path(record["shortcut_mask"])
+        if not marker.is_file():
+            raise FileNotFoundError(f"record {result.image_id!r}: shortcut mask {marker} does not exist")
+        _atomic_write(out / rel / "shortcut_mask.png", lambda h: h.write(marker.read_bytes()))
+        line["shortcut_mask_png"] = str(rel / "shortcut_mask.png")
     line = _jsonable(line)
     write_json_atomic(out / "records" / image_dir / f"{finding_slug(result.finding)}.json", line)
     return line
@@ -370,6 +377,7 @@ def run_explain(
     image_size: int | None = None,
     frame_threshold: float | str | Mapping[str, float] = "stable",
     frame_k: int = 5,
+    frame_normalize: bool = False,
     estimate_chest_boxes: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -391,7 +399,7 @@ def run_explain(
         labeler = load_labeler_spec(labeler_spec)
     explainer = CyclicExplainer.from_pretrained(
         tailored_dir, generator=generator, labeler=labeler, variant=variant, checkpoint=checkpoint, device=device,
-        explainer_kwargs={"frame_threshold": frame_threshold, "frame_k": frame_k,
+        explainer_kwargs={"frame_threshold": frame_threshold, "frame_k": frame_k, "frame_normalize": frame_normalize,
                           "estimate_chest_boxes": estimate_chest_boxes},
         num_inference_steps=steps, guidance_scale=guidance, strength=strength, **dict(maker_kwargs or {}),
     )

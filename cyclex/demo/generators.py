@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cyclex.findings import ABNORMALITIES
+
 logger = logging.getLogger(__name__)
 
 DEMO_GENERATOR_NAMES: tuple[str, ...] = ("clean", "shortcut")
@@ -45,9 +47,9 @@ class DemoGeneratorConfig:
     name: str = "clean"
     image_size: int = 64  # phantom default size; the processor resizes anything else
     patch_size: int = 8  # 8x8 patches -> 64 image tokens: small enough for CPU, fine enough for a nodule
-    encoder_hidden: int = 96
-    encoder_layers: int = 3
-    decoder_hidden: int = 96
+    encoder_hidden: int = 64
+    encoder_layers: int = 2
+    decoder_hidden: int = 64
     decoder_layers: int = 2
     heads: int = 4
     vocab_size: int = 384  # byte-level BPE: 256 bytes + merges covering the report words
@@ -55,6 +57,9 @@ class DemoGeneratorConfig:
     epochs: int = 12
     batch_size: int = 32
     learning_rate: float = 2e-3
+    # auxiliary multi-label loss on the pooled encoder tokens (head dropped before saving): the
+    # caption loss alone teaches the tiny ViT to see small findings far more slowly
+    finding_loss_weight: float = 1.0
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
     seed: int = 0
@@ -163,10 +168,20 @@ def make_training_phantoms(config: DemoGeneratorConfig, n: int, seed: int) -> li
 
 
 def phantom_pixels(images: np.ndarray, image_processor) -> torch.Tensor:
-    """(N, H, W) float [0, 1] -> processor pixel values (N, 3, S, S), via 8-bit RGB like the adapter."""
+    """(N, H, W) float [0, 1] -> pixel values (N, 3, S, S) exactly as the adapter feeds the model:
+    8-bit gray -> RGB -> processor. When no resize is needed, the processor's arithmetic
+    ((v / 255 - mean) / std) is applied directly, which is much faster than PIL per image."""
     from cyclex.adapters.hf import images_to_pil
 
-    pil_images = images_to_pil(torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None])
+    images = np.asarray(images, dtype=np.float32)
+    size = image_processor.size
+    if (images.shape[1], images.shape[2]) == (size["height"], size["width"]):
+        eight_bit = np.round(np.clip(images, 0, 1) * 255.0).astype(np.float32)
+        scaled = torch.from_numpy(eight_bit * np.float32(image_processor.rescale_factor))[:, None]
+        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        return ((scaled - mean) / std).contiguous()
+    pil_images = images_to_pil(torch.from_numpy(images)[:, None])
     return image_processor(images=pil_images, return_tensors="pt").pixel_values
 
 
@@ -215,9 +230,12 @@ def train_demo_generator(name: str, out_dir: str | Path, *, n_train: int | None 
         # 3. Model and optimizer
         model = build_demo_model(config, tokenizer, max_report_tokens=labels.shape[1])
         model.train()
+        findings = torch.tensor([[float(f in p.labels.present(uncertain_as_present=True)) for f in ABNORMALITIES]
+                                 for p in phantoms])
+        finding_head = torch.nn.Linear(2 * config.encoder_hidden, len(ABNORMALITIES))
         steps_per_epoch = math.ceil(len(phantoms) / config.batch_size)
         total_steps = steps_per_epoch * config.epochs if max_steps is None else max_steps
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+        optimizer = torch.optim.AdamW([*model.parameters(), *finding_head.parameters()], lr=config.learning_rate,
                                       weight_decay=config.weight_decay)
         schedule = get_cosine_schedule_with_warmup(optimizer, max(1, int(config.warmup_fraction * total_steps)),
                                                    total_steps)
@@ -230,17 +248,24 @@ def train_demo_generator(name: str, out_dir: str | Path, *, n_train: int | None 
                 batch = order[start:start + config.batch_size]
                 batch_labels = labels[batch]
                 batch_labels = batch_labels[:, :int((batch_labels != -100).sum(1).max())]
-                loss = model(pixel_values=pixels[batch], labels=batch_labels).loss
+                # decoder inputs are the labels shifted right behind <s>; padding only at the end
+                decoder_mask = torch.cat([torch.ones_like(batch_labels[:, :1]),
+                                          (batch_labels[:, :-1] != -100).long()], dim=1)
+                encoded = model.encoder(pixel_values=pixels[batch])
+                loss = model(encoder_outputs=encoded, labels=batch_labels, decoder_attention_mask=decoder_mask).loss
+                tokens = encoded.last_hidden_state
+                finding_logits = finding_head(torch.cat([tokens.mean(1), tokens.amax(1)], dim=1))
+                finding_loss = torch.nn.functional.binary_cross_entropy_with_logits(finding_logits, findings[batch])
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                (loss + config.finding_loss_weight * finding_loss).backward()
+                torch.nn.utils.clip_grad_norm_([*model.parameters(), *finding_head.parameters()], 1.0)
                 optimizer.step()
                 schedule.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 step += 1
                 if step % 100 == 0:
-                    logger.info("demo generator %s: step %d/%d loss %.4f", name, step, total_steps,
-                                float(np.mean(losses[-100:])))
+                    logger.info("demo generator %s: step %d/%d caption loss %.4f finding loss %.4f", name, step,
+                                total_steps, float(np.mean(losses[-100:])), finding_loss.item())
                 if step >= total_steps:
                     break
         train_seconds = time.perf_counter() - started - data_seconds
@@ -252,7 +277,8 @@ def train_demo_generator(name: str, out_dir: str | Path, *, n_train: int | None 
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         image_processor.save_pretrained(staging)
-        metadata = {"config": asdict(config), "steps": step, "final_loss": float(np.mean(losses[-50:])),
+        metadata = {"config": asdict(config), "steps": step, "first_loss": losses[0],
+                    "final_loss": float(np.mean(losses[-10:])),  # mean of the last 10 steps
                     "n_parameters": sum(p.numel() for p in model.parameters()),
                     "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
                     "torch_threads": config.threads}

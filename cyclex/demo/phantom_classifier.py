@@ -2,7 +2,7 @@
 
 It plays two roles in the demo, where no real weights exist offline:
 - the `Classifier` for CPG (seed 000's "strong classifier"), raw logits (B, 13) in `ABNORMALITIES` order;
-- the `ImageEncoder` standing in for CLIP (penultimate features, `encode -> (B, 64)`), since neither
+- the `ImageEncoder` standing in for CLIP (penultimate features, `encode -> (B, 128)`), since neither
   CLIP nor LPIPS weights are available offline.
 
 Trained by `scripts/train_phantom_classifier.py` (or `load_phantom_classifier(train_if_missing=True)`)
@@ -42,28 +42,32 @@ __all__ = [
 @dataclass
 class PhantomClassifierConfig:
     image_size: int = 64  # phantoms are 64 px; other sizes are resized to this
-    channels: tuple[int, ...] = (16, 32, 64)  # one conv block (two 3x3 convs + pool) per entry
+    channels: tuple[int, ...] = (16, 32, 64)  # one strided 3x3 conv per entry
     class_names: tuple[str, ...] = field(default=ABNORMALITIES)
 
 
 class PhantomClassifierNet(nn.Module):
-    """(B, 1, S, S) in [0, 1] -> (features (B, C_last), logits (B, K))."""
+    """(B, 1, S, S) in [0, 1] -> logits (B, K); `features` gives the pooled penultimate layer.
+
+    Strided 3x3 convolutions (one per `channels` entry, each halving the size) then one more 3x3 at
+    the last width: cheap enough to train on a shared CPU in a couple of minutes.
+    """
 
     def __init__(self, config: PhantomClassifierConfig) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         previous = 1
         for width in config.channels:
-            layers += [nn.Conv2d(previous, width, 3, padding=1), nn.ReLU(),
-                       nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(previous, width, 3, stride=2, padding=1), nn.GroupNorm(4, width), nn.SiLU()]
             previous = width
+        layers += [nn.Conv2d(previous, previous, 3, padding=1), nn.SiLU()]
         self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(previous, len(config.class_names))
+        self.head = nn.Linear(2 * previous, len(config.class_names))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        # mean + max pooling: findings are small, local bright/dark blobs
+        # mean and max pooling: findings are often small local blobs or lines
         h = self.body(x * 2.0 - 1.0)
-        return h.mean(dim=(2, 3)) + h.amax(dim=(2, 3))
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -99,12 +103,12 @@ class PhantomClassifier:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) in [0, 1] -> penultimate features (B, channels[-1])."""
+        """(B, 1, H, W) in [0, 1] -> penultimate features (B, 2 * channels[-1]): mean and max pooled."""
         return self.net.features(self._input(images)).float().cpu()
 
     @property
     def num_features(self) -> int:
-        return self.config.channels[-1]
+        return 2 * self.config.channels[-1]
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         from safetensors.torch import save_file
@@ -157,7 +161,7 @@ def _phantom_arrays(n: int, seed: int, class_names: tuple[str, ...]) -> tuple[to
 
 
 def train_phantom_classifier(out_dir: str | os.PathLike | None = None, n_train: int = 1600, n_val: int = 300,
-                             steps: int = 700, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+                             steps: int = 600, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
                              config: PhantomClassifierConfig | None = None) -> PhantomClassifier:
     """Train on phantoms (seed `seed` for training, `seed + 1` for validation), save to `out_dir`
     (default `phantom_classifier_dir()`), write validation AUROC per finding into metrics.json."""

@@ -123,11 +123,14 @@ class FeatureFrame:
         return {"threshold": self.threshold, "area": self.area, "components": [c.to_dict() for c in self.components]}
 
 
-def _blurred_difference(query, counterfactual, blur: int, chest_box) -> np.ndarray:
+def _blurred_difference(query, counterfactual, blur: int, chest_box, normalize: bool = False) -> np.ndarray:
     abs_map, _, _ = difference_maps(query, counterfactual, chest_box=chest_box)
     if blur < 1 or blur % 2 == 0:
         raise ValueError(f"blur must be an odd kernel size >= 1, got {blur}")
     scaled = abs_map * 255.0  # seed 003 thresholds on the 0-255 scale
+    if normalize and scaled.max() > 0:
+        # (choice) stretch D so its maximum is 255: L becomes a share of the strongest change
+        scaled = scaled * (255.0 / float(scaled.max()))
     return cv2.GaussianBlur(scaled, (blur, blur), 0) if blur > 1 else scaled
 
 
@@ -153,14 +156,15 @@ def frame_from_difference(blurred: np.ndarray, threshold: float, k: int = DEFAUL
 
 def feature_frame(
     query, counterfactual, threshold: float = DEFAULT_THRESHOLD, k: int = DEFAULT_K, blur: int = DEFAULT_BLUR,
-    chest_box: Sequence[int] | None = None,
+    chest_box: Sequence[int] | None = None, normalize: bool = False,
 ) -> FeatureFrame:
     """Seed 003's feature identification frame of one (query, counterfactual) pair.
 
     query, counterfactual: (H, W) in [0, 1]. threshold: L on 0-255. k: components kept. blur: odd
     Gaussian kernel side. chest_box: (x0, y0, x1, y1) outside which D is zeroed, or None.
+    normalize: stretch D to a maximum of 255 before thresholding (choice; default off, as the paper).
     """
-    return frame_from_difference(_blurred_difference(query, counterfactual, blur, chest_box), threshold, k)
+    return frame_from_difference(_blurred_difference(query, counterfactual, blur, chest_box, normalize), threshold, k)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -172,6 +176,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 def choose_threshold(
     query, counterfactual, candidates: Iterable[float] = DEFAULT_THRESHOLD_CANDIDATES, k: int = DEFAULT_K,
     blur: int = DEFAULT_BLUR, chest_box: Sequence[int] | None = None, centre: float = DEFAULT_THRESHOLD,
+    normalize: bool = False,
 ) -> float:
     """The "stable" criterion: L whose frame has the highest mean IoU with its neighbours' frames.
 
@@ -183,7 +188,7 @@ def choose_threshold(
         raise ValueError("candidates must hold at least one threshold")
     if len(levels) == 1:
         return levels[0]
-    blurred = _blurred_difference(query, counterfactual, blur, chest_box)
+    blurred = _blurred_difference(query, counterfactual, blur, chest_box, normalize)
     masks = [frame_from_difference(blurred, level, k).mask for level in levels]
     scores = []
     for i in range(len(levels)):
@@ -196,7 +201,7 @@ def choose_threshold(
 def calibrate_thresholds(
     items: Iterable[tuple[str, object, object, np.ndarray]],
     candidates: Iterable[float] = DEFAULT_THRESHOLD_CANDIDATES, k: int = DEFAULT_K, blur: int = DEFAULT_BLUR,
-    centre: float = DEFAULT_THRESHOLD,
+    centre: float = DEFAULT_THRESHOLD, normalize: bool = False,
 ) -> dict[str, float]:
     """Per finding, the L with the highest mean IoU between frames and true masks.
 
@@ -206,7 +211,7 @@ def calibrate_thresholds(
     levels = sorted(float(c) for c in candidates)
     scores: dict[str, list[list[float]]] = {}
     for finding, query, counterfactual, true_mask in items:
-        blurred = _blurred_difference(query, counterfactual, blur, None)
+        blurred = _blurred_difference(query, counterfactual, blur, None, normalize)
         truth = np.asarray(true_mask, dtype=bool)
         if truth.shape != blurred.shape:
             raise ValueError(f"mask for {finding!r} has shape {truth.shape}, image has {blurred.shape}")
@@ -223,12 +228,14 @@ def calibrate_thresholds(
 def resolve_threshold(
     setting: float | str | Mapping[str, float], finding: str, query, counterfactual, *, k: int = DEFAULT_K,
     blur: int = DEFAULT_BLUR, chest_box=None, candidates: Iterable[float] = DEFAULT_THRESHOLD_CANDIDATES,
+    normalize: bool = False,
 ) -> float:
     """L for one frame: a number, "stable" (choose_threshold), or a {finding: L} dict (calibration)."""
     if isinstance(setting, str):
         if setting != "stable":
             raise ValueError(f"frame threshold must be a number, 'stable' or a {{finding: L}} dict, got {setting!r}")
-        return choose_threshold(query, counterfactual, candidates, k=k, blur=blur, chest_box=chest_box)
+        return choose_threshold(query, counterfactual, candidates, k=k, blur=blur, chest_box=chest_box,
+                                normalize=normalize)
     if isinstance(setting, Mapping):
         return float(setting.get(finding, DEFAULT_THRESHOLD))
     return float(setting)

@@ -59,13 +59,15 @@ def load_labeler(spec: str) -> Labeler:
 
         return RuleLabeler()
     if spec.startswith(CHEXBERT_PREFIX):
-        from cyclex.labelers.chexbert import DEFAULT_TOKENIZER, CheXbertLabeler
-
-        rest = spec[len(CHEXBERT_PREFIX):]
-        checkpoint, _, tokenizer = rest.partition(TOKENIZER_SEPARATOR)
+        checkpoint, _, tokenizer = spec[len(CHEXBERT_PREFIX):].partition(TOKENIZER_SEPARATOR)
         if not checkpoint:
             raise ValueError(f"labeler spec {spec!r} names no checkpoint; expected "
                              f"'{CHEXBERT_PREFIX}PATH/chexbert.pth[{TOKENIZER_SEPARATOR}TOKENIZER]'")
+        if not Path(checkpoint).is_file():  # before importing torch and transformers
+            raise FileNotFoundError(f"CheXbert checkpoint {checkpoint!r} does not exist "
+                                    "(expected the official chexbert.pth)")
+        from cyclex.labelers.chexbert import DEFAULT_TOKENIZER, CheXbertLabeler
+
         return CheXbertLabeler.from_checkpoint(checkpoint, tokenizer=tokenizer or DEFAULT_TOKENIZER)
     if spec == "chexbert":
         raise ValueError("the chexbert labeler needs its checkpoint: use "

@@ -58,10 +58,12 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import spacy
 from negspacy.negation import Negex
 from negspacy.termsets import termset
 from spacy.matcher import Matcher, PhraseMatcher
+from spacy.attrs import LOWER
 from spacy.tokens import Doc, Span
 
 from cyclex.findings import ABNORMALITIES, NO_FINDING, FindingLabels, LabelState
@@ -294,8 +296,14 @@ _COMMA = ","
 _MAX_CHUNK_CHARS = 100_000  # spaCy works on chunks of at most this many characters
 
 
-def _compile(phrase: str) -> list[dict]:
-    """Turn one phrase of the mini-language above into a spaCy token pattern."""
+def _compile(phrase: str) -> list[list[dict]]:
+    """Turn one phrase of the mini-language above into spaCy token patterns.
+
+    For speed the leading optional items are dropped (the longest match still wins, only the
+    matched text gets shorter: "moderately enlarged heart" -> "enlarged heart") and alternatives of
+    the first token become separate patterns: spaCy's Matcher tries every pattern's first token at
+    every position, where a plain `LOWER` equality is cheap and an `IN` set is a Python call.
+    """
     pattern: list[dict] = []
     for item in phrase.split():
         if item.startswith("{") and item.endswith("}"):
@@ -310,7 +318,15 @@ def _compile(phrase: str) -> list[dict]:
             if optional:
                 token["OP"] = "?"
             pattern.append(token)
-    return pattern
+    while pattern and pattern[0].get("OP") in ("?", "*"):
+        pattern.pop(0)
+    if not pattern:
+        raise ValueError(f"phrase {phrase!r} has no required token")
+    first, rest = pattern[0], pattern[1:]
+    if not isinstance(first["LOWER"], dict):
+        return [pattern]
+    repeat = [first | {"OP": "*"}] if first.get("OP") == "+" else []  # "a+" == "a a*"
+    return [[{"LOWER": word}, *repeat, *rest] for word in first["LOWER"]["IN"]]
 
 
 def _negation_termset() -> dict[str, list[str]]:
@@ -330,6 +346,9 @@ def _split_long_text(text: str, max_chars: int) -> list[str]:
     pieces: list[str] = []
     current = ""
     for sentence in re.split(r"(?<=[.!?])\s+", text):
+        if len(sentence) > max_chars and current:
+            pieces.append(current)
+            current = ""
         while len(sentence) > max_chars:  # a run-on "sentence": cut at the last space before the limit
             cut = sentence.rfind(" ", 0, max_chars)
             cut = cut if cut > 0 else max_chars
@@ -398,29 +417,29 @@ class RuleLabeler:
                              f"got {batch_size} and {max_chunk_chars}")
         self.batch_size = batch_size
         self.max_chunk_chars = max_chunk_chars
-        self.nlp = self._build_pipeline()
+        self.nlp = spacy.blank("en")
+        self.nlp.max_length = max(self.nlp.max_length, 2 * max_chunk_chars)
+        self.nlp.add_pipe("sentencizer")
+        vocab = self.nlp.vocab
+        self._mention_matcher = Matcher(vocab)
+        for finding, phrases in _FINDING_PHRASES.items():
+            self._mention_matcher.add(finding, [q for p in phrases for q in _compile(p)])
+        for key, (_, phrases) in _NORMAL_STATEMENTS.items():
+            self._mention_matcher.add(_NORMAL_LABEL_PREFIX + key, [q for p in phrases for q in _compile(p)])
+        self._mention_matcher.add(_IGNORED_LABEL, [q for p in _IGNORED_PHRASES for q in _compile(p)])
+        # Every pattern starts with one exact word; a sentence holding none of them has no mention.
+        anchors = {vocab.strings[pattern[0]["LOWER"]] for phrases in (
+            *_FINDING_PHRASES.values(), *(p for _, p in _NORMAL_STATEMENTS.values()), _IGNORED_PHRASES)
+            for phrase in phrases for pattern in _compile(phrase)}
+        self._anchor_ids = np.array(sorted(anchors), dtype=np.uint64)
         negation_terms = _negation_termset()
         self._negation = _LinearNegex(self.nlp, "negex", neg_termset=negation_terms)
-        self._termination_cues = negation_terms["termination"]
-        self._uncertainty_matcher = Matcher(self.nlp.vocab)
+        self._uncertainty_matcher = Matcher(vocab)
         for direction, phrases in _UNCERTAINTY_TRIGGERS.items():
-            self._uncertainty_matcher.add(direction, [_compile(p) for p in phrases])
-        self._termination_matcher = PhraseMatcher(self.nlp.vocab, attr="LOWER")
-        self._termination_matcher.add("termination", list(self.nlp.tokenizer.pipe(self._termination_cues)))
-
-    def _build_pipeline(self) -> spacy.language.Language:
-        nlp = spacy.blank("en")
-        nlp.max_length = max(nlp.max_length, 2 * self.max_chunk_chars)
-        nlp.add_pipe("sentencizer")
-        ruler = nlp.add_pipe("entity_ruler")
-        patterns = []
-        for finding, phrases in _FINDING_PHRASES.items():
-            patterns += [{"label": finding, "pattern": _compile(p)} for p in phrases]
-        for key, (_, phrases) in _NORMAL_STATEMENTS.items():
-            patterns += [{"label": _NORMAL_LABEL_PREFIX + key, "pattern": _compile(p)} for p in phrases]
-        patterns += [{"label": _IGNORED_LABEL, "pattern": _compile(p)} for p in _IGNORED_PHRASES]
-        ruler.add_patterns(patterns)
-        return nlp
+            self._uncertainty_matcher.add(direction, [q for p in phrases for q in _compile(p)])
+        self._termination_matcher = PhraseMatcher(vocab, attr="LOWER")
+        self._termination_matcher.add("termination",
+                                      list(self.nlp.tokenizer.pipe(negation_terms["termination"])))
 
     # ---- public API ------------------------------------------------------------------------------
     def label(self, reports: Sequence[str]) -> list[FindingLabels]:
@@ -445,14 +464,35 @@ class RuleLabeler:
         found: list[list[Mention]] = [[] for _ in texts]
         docs = self.nlp.pipe((piece for _, _, piece in chunks), batch_size=self.batch_size)
         for (index, offset, _), doc in zip(chunks, docs):
+            self._find_mentions(doc)
             found[index] += self._doc_mentions(self._negation(doc), offset)
         return list(zip(texts, found))
 
+    def _find_mentions(self, doc: Doc) -> None:
+        """Set `doc.ents` to the finding mentions, longest match first (as spaCy's EntityRuler).
+
+        The Matcher runs only on the sentences that contain an anchor word: its cost grows with the
+        number of patterns times the number of tokens, and most sentences of a long report hold none.
+        """
+        lowers = doc.to_array([LOWER]).reshape(-1).astype(np.uint64)
+        has_anchor = np.isin(lowers, self._anchor_ids)
+        spans = []
+        for sentence in doc.sents:
+            if has_anchor[sentence.start:sentence.end].any():
+                spans += [Span(doc, sentence.start + s, sentence.start + e, label=m)
+                          for m, s, e in self._mention_matcher(sentence)]
+        doc.ents = spacy.util.filter_spans(spans)
+
     def _doc_mentions(self, doc: Doc, offset: int) -> list[Mention]:
+        sentences = list(doc.sents)
+        sentence_starts = [sent.start for sent in sentences]
+        mention_sentences = {bisect_right(sentence_starts, ent.start) - 1
+                             for ent in doc.ents if ent.label_ in _FINDING_PHRASES}
         triggers = spacy.util.filter_spans(
-            [Span(doc, s, e, label=m) for m, s, e in self._uncertainty_matcher(doc)])
+            [Span(doc, sentences[i].start + s, sentences[i].start + e, label=m)
+             for i in sorted(mention_sentences) for m, s, e in self._uncertainty_matcher(sentences[i])])
         trigger_tokens = {i for t in triggers for i in range(t.start, t.end)}
-        uncertain_starts = self._uncertain_mention_starts(doc, triggers)
+        uncertain_starts = self._uncertain_mention_starts(doc, triggers, sentence_starts)
         mentions: list[Mention] = []
         for ent in doc.ents:
             if ent.label_ == _IGNORED_LABEL:
@@ -470,7 +510,7 @@ class RuleLabeler:
             mentions.append(Mention(ent.label_, ent.text, start, end, state))
         return mentions
 
-    def _uncertain_mention_starts(self, doc: Doc, triggers: list[Span]) -> set[int]:
+    def _uncertain_mention_starts(self, doc: Doc, triggers: list[Span], sentence_starts: list[int]) -> set[int]:
         """Start tokens of finding mentions inside the scope of an uncertainty trigger.
 
         Works sentence by sentence with sorted token positions and bisection, so a long report costs
@@ -483,7 +523,6 @@ class RuleLabeler:
         termination_ends = sorted({e for _, _, e in terminations})
         comma_positions = [t.i for t in doc if t.text == _COMMA]
         finding_starts = sorted(ent.start for ent in doc.ents if ent.label_ in _FINDING_PHRASES)
-        sentence_starts = [sent.start for sent in doc.sents]
         sentence_ends = sentence_starts[1:] + [len(doc)]
 
         def findings_in(lo: int, hi: int) -> list[int]:

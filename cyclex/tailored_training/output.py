@@ -30,7 +30,8 @@ FORMAT_VERSION = 1
 
 
 def write_tailored_metadata(output_dir: str | Path, *, manifest: str | Path, base: str,
-                            config: TailoredTrainingConfig, generator_spec: str | None, global_step: int) -> Path:
+                            config: TailoredTrainingConfig, generator_spec: str | None, global_step: int,
+                            num_processes: int = 1) -> Path:
     """Write `cyclex_tailored.json`; template and uncertain_as_present come from the data set's `dataset.json`."""
     manifest = Path(manifest)
     described = manifest.parent / "dataset.json" if manifest.is_file() else manifest / "dataset.json"
@@ -47,6 +48,7 @@ def write_tailored_metadata(output_dir: str | Path, *, manifest: str | Path, bas
         "manifest": str(manifest.resolve()),
         "global_step": global_step,
         "p_uncond": config.p_uncond,
+        "num_processes": num_processes,
     }
     return write_json_atomic(Path(output_dir) / METADATA_NAME, metadata)
 

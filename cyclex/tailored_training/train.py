@@ -446,7 +446,8 @@ def train_tailored(
         final_unet = accelerator.unwrap_model(unet)
         if ema_unet is not None:
             ema_unet.copy_to(final_unet.parameters())
-        _save_pipeline_folder(output_dir, base, final_unet, manifest, cfg, generator_spec, global_step)
+        _save_pipeline_folder(output_dir, base, final_unet, manifest, cfg, generator_spec, global_step,
+                              accelerator.num_processes)
     accelerator.end_training()
     rate = images_seen / train_seconds if train_seconds > 0 else float("nan")
     return TrainingResult(output_dir=output_dir, global_step=global_step, images_per_s=rate, last_loss=last_loss,
@@ -486,7 +487,7 @@ def _save_checkpoint(accelerator, output_dir: Path, step: int, cfg: TailoredTrai
 
 
 def _save_pipeline_folder(output_dir: Path, base, unet, manifest, cfg: TailoredTrainingConfig,
-                          generator_spec: str | None, global_step: int) -> None:
+                          generator_spec: str | None, global_step: int, num_processes: int) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from cyclex.tailored_training.output import write_tailored_metadata
@@ -499,4 +500,4 @@ def _save_pipeline_folder(output_dir: Path, base, unet, manifest, cfg: TailoredT
     )
     pipe.save_pretrained(output_dir, safe_serialization=True)
     write_tailored_metadata(output_dir, manifest=manifest, base=str(base), config=cfg,
-                            generator_spec=generator_spec, global_step=global_step)
+                            generator_spec=generator_spec, global_step=global_step, num_processes=num_processes)

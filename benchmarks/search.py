@@ -1,0 +1,329 @@
+"""Metric-guided search benchmark (issue 7): one pass vs. seed 000's Algorithm 1 vs. cyclex's search.
+
+    python -m benchmarks.search [--steps 10] [--findings 40] [--tiny] [--out benchmarks/results/search.json]
+
+All three arms run in one process on one machine, on the same >= 40 phantom findings, with the same
+reduced number of DDIM steps (`--steps`, default 10, to fit a shared 2-core CPU; the papers use 50),
+the same NTI makers, the same scorer and the same acceptance rule (CF_Score >= 5 and the cycle
+verified):
+  (a) single_pass: default settings (best-L2 checkpoint, default null, delta 1.0, omega 7.5);
+  (b) algorithm1: seed 000's Algorithm 1 as written (48 settings, re-inverting at each);
+  (c) cyclex_search: `MetricGuidedSearch` (one inversion per null x checkpoint, guidance batches,
+      paper order, first accepted, cheap metrics before the generator).
+UNet evaluations are counted per batch item (`LatentDiffusion.unet_calls`; NTI's inner iterations
+count one evaluation each, their backward passes are not counted).
+
+The demo world (default) needs the assets other parts of cyclex build under $CYCLEX_HOME/demo:
+the tailored SD folder (`tailored/` with selection.json: best_l2, best_l1; or --tailored PATH), the
+demo generator "clean" and the phantom classifier (stand-in encoder, classifier and LPIPS
+backbone). CF thresholds are calibrated once (`cyclex.counterfactuals.search` module doc) and
+stored as $CYCLEX_HOME/demo/cf_thresholds.json. `--tiny` runs the same code on tiny random
+components (logic check only: numbers from random weights mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cyclex.counterfactuals.inversion_cache import InversionCache
+from cyclex.counterfactuals.nti import NullTextInversionMaker
+from cyclex.counterfactuals.search import (
+    MetricGuidedSearch,
+    SearchSummary,
+    ablation_tables,
+    algorithm1_search,
+    calibrate_thresholds,
+    load_thresholds,
+    save_thresholds,
+    write_text_atomic,
+)
+from cyclex.explain.scores import CFThresholds, CounterfactualScorer
+from cyclex.findings import StructuredPrompt
+
+logger = logging.getLogger("benchmarks.search")
+
+RESULTS = Path(__file__).parent / "results" / "search.json"
+CHECKPOINTS = ("best_l2", "best_l1")
+DEFAULT_STEPS = 10
+DEFAULT_GUIDANCE = 7.5
+CALIBRATION_SEED = 7_000
+CALIBRATION_PAIRS = 64
+COVERAGE = 0.9
+
+
+class StandInLPIPS:
+    """LPIPS's formula (Zhang et al. eq. 1, unit linear weights) on a stand-in CNN's conv features.
+
+    d(a, b) = sum_l mean_hw || f_l(a)/|f_l(a)| - f_l(b)/|f_l(b)| ||^2 over the net's conv layers
+    (channel-normalised activations): the "baseline" LPIPS, used where no ImageNet backbone exists.
+    """
+
+    def __init__(self, net: torch.nn.Module, image_size: int = 64) -> None:
+        self.net = net.eval()
+        self.image_size = image_size
+        self.layers = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        if not self.layers:
+            raise ValueError("StandInLPIPS needs a network with Conv2d layers")
+
+    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        captured: list[torch.Tensor] = []
+        hooks = [layer.register_forward_hook(lambda _m, _i, out: captured.append(out)) for layer in self.layers]
+        try:
+            x = images.float()
+            if x.shape[-1] != self.image_size:
+                x = torch.nn.functional.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
+            self.net(x.to(next(self.net.parameters()).device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return captured
+
+    @torch.no_grad()
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(a.shape[0])
+        for fa, fb in zip(self._features(a), self._features(b), strict=True):
+            fa = fa / fa.norm(dim=1, keepdim=True).clamp_min(1e-10)
+            fb = fb / fb.norm(dim=1, keepdim=True).clamp_min(1e-10)
+            total += (fa - fb).pow(2).sum(1).mean((1, 2)).float().cpu()
+        return total
+
+
+@dataclass
+class Request:
+    image: torch.Tensor  # (1, H, W) in [0, 1]
+    source_prompt: str
+    target_prompt: str
+    finding: str
+    phantom_seed: int
+
+
+@dataclass
+class World:
+    pipes: dict[str, Any]
+    scorer: CounterfactualScorer
+    cycle_check: Any
+    requests: list[Request]
+    thresholds: CFThresholds
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def phantom_requests(n_findings: int, findings_of, seed: int = 0) -> list[Request]:
+    """One request per present finding of successive phantoms until n_findings are collected."""
+    from cyclex.datasets.phantom import make_phantom, phantom_seed
+
+    requests: list[Request] = []
+    i = 0
+    while len(requests) < n_findings:
+        s = phantom_seed(seed, i)
+        i += 1
+        if i > 50 * n_findings:
+            raise RuntimeError(f"only {len(requests)} findings in {i} phantoms; is the generator reporting findings?")
+        phantom = make_phantom(s)
+        image = torch.from_numpy(phantom.image).float()[None]
+        present = findings_of(phantom, image)
+        prompt = StructuredPrompt(present)
+        for finding in present:
+            requests.append(Request(image, prompt.text, prompt.remove(finding).text, finding, s))
+    return requests[:n_findings]
+
+
+def calibration_values(scorer: CounterfactualScorer, n_pairs: int = CALIBRATION_PAIRS, seed: int = CALIBRATION_SEED):
+    """Raw metric values of true counterfactual pairs: a phantom and the same phantom without one finding."""
+    from cyclex.datasets.phantom import make_phantom, phantom_seed
+
+    values: dict[str, list[float]] = {}
+    seeds = []
+    i = 0
+    while len(seeds) < n_pairs and i < 50 * n_pairs:
+        s = phantom_seed(seed, i)
+        i += 1
+        phantom = make_phantom(s)
+        present = list(phantom.findings_meta)
+        if not present:
+            continue
+        finding = present[0]
+        kept = {k: dict(v) for k, v in phantom.findings_meta.items() if k != finding}
+        truth = make_phantom(s, findings={finding: dict(phantom.findings_meta[finding]), **kept})
+        removed = make_phantom(s, findings=kept)
+        factual = torch.from_numpy(truth.image).float()[None, None]
+        counterfactual = torch.from_numpy(removed.image).float()[None, None]
+        raw = scorer.raw_values(factual, counterfactual, finding)
+        for key, tensor in raw.items():
+            values.setdefault(key, []).append(float(tensor[0]))
+        seeds.append(s)
+    return values, seeds
+
+
+def thresholds_for(scorer: CounterfactualScorer, path: Path | None) -> CFThresholds:
+    """Read the stored calibration, or calibrate once and store it (module doc of search.py)."""
+    if path is not None and path.is_file():
+        return load_thresholds(path)
+    values, seeds = calibration_values(scorer)
+    thresholds = calibrate_thresholds(values, coverage=COVERAGE)
+    if path is not None:
+        save_thresholds(path, thresholds, {
+            "procedure": "cyclex.counterfactuals.search.calibrate_thresholds on true phantom counterfactual pairs",
+            "coverage": COVERAGE, "n_pairs": len(seeds), "seeds": seeds,
+        })
+    return thresholds
+
+
+def generator_cycle_check(generator, labeler, uncertain_as_present: bool = True):
+    """cycle_check(images, findings): the regenerated report no longer holds the finding."""
+    def check(images: torch.Tensor, findings) -> list[bool]:
+        labels = labeler.label(generator.generate(images))
+        return [f not in lab.present(uncertain_as_present) for lab, f in zip(labels, findings, strict=True)]
+
+    return check
+
+
+def demo_world(n_findings: int, tailored: Path | None) -> World:
+    from cyclex.adapters import load_generator
+    from cyclex.demo.generators import cyclex_home, demo_generator_path
+    from cyclex.demo.phantom_classifier import load_phantom_classifier
+    from cyclex.labelers import RuleLabeler
+    from cyclex.tailored_training import load_tailored_pipeline
+
+    demo = cyclex_home() / "demo"
+    tailored = tailored or demo / "tailored"
+    if not (tailored / "selection.json").is_file():
+        raise FileNotFoundError(f"no tailored SD at {tailored} (selection.json missing); pass --tailored PATH or --tiny")
+    classifier = load_phantom_classifier(train_if_missing=False)
+    generator = load_generator("hf:" + str(demo_generator_path("clean", train_if_missing=False)))
+    labeler = RuleLabeler()
+    scorer = CounterfactualScorer(classifier, classifier, lpips=StandInLPIPS(classifier.net, classifier.config.image_size))
+    scorer.thresholds = thresholds_for(scorer, demo / "cf_thresholds.json")
+    pipes = {c: load_tailored_pipeline(tailored, checkpoint=c, dtype=torch.float32) for c in CHECKPOINTS}
+
+    def findings_of(_phantom, image):
+        return sorted(labeler.label(generator.generate(image[None]))[0].present(True))
+
+    requests = phantom_requests(n_findings, findings_of)
+    return World(pipes, scorer, generator_cycle_check(generator, labeler), requests, scorer.thresholds,
+                 {"world": "demo", "tailored": str(tailored), "generator": "demo:clean"})
+
+
+def tiny_world(n_findings: int) -> World:
+    """Tiny random SD (two 'checkpoints' = two seeds), random stand-in classifier; logic check only."""
+    from cyclex.demo.phantom_classifier import (
+        PhantomClassifier,
+        PhantomClassifierConfig,
+        PhantomClassifierNet,
+    )
+    from cyclex.demo.tiny_sd import TinySDConfig, tiny_sd_pipeline
+
+    torch.manual_seed(0)
+    config = PhantomClassifierConfig()
+    classifier = PhantomClassifier(PhantomClassifierNet(config), config)
+    scorer = CounterfactualScorer(classifier, classifier, lpips=StandInLPIPS(classifier.net, config.image_size))
+    scorer.thresholds = thresholds_for(scorer, None)
+    pipes = {c: tiny_sd_pipeline(TinySDConfig(seed=i)) for i, c in enumerate(CHECKPOINTS)}
+
+    def cycle_check(images, findings):  # the stand-in classifier's logit drops below 0
+        from cyclex.explain.effectiveness import target_logits
+
+        return [bool(target_logits(classifier, images[k:k + 1], f)[0] < 0) for k, f in enumerate(findings)]
+
+    requests = phantom_requests(n_findings, lambda phantom, _image: sorted(phantom.findings_meta))
+    return World(pipes, scorer, cycle_check, requests, scorer.thresholds, {"world": "tiny-random"})
+
+
+def nti_makers(world: World, steps: int, inversion_guidance: float | None = None) -> dict[str, NullTextInversionMaker]:
+    cache = InversionCache()  # fresh per arm: no arm profits from another's inversions
+    return {
+        c: NullTextInversionMaker(pipe, steps, guidance_scale=DEFAULT_GUIDANCE, checkpoint=c, cache=cache,
+                                  inversion_guidance=inversion_guidance)
+        for c, pipe in world.pipes.items()
+    }
+
+
+def run_arm(name: str, world: World, steps: int, grid: dict[str, tuple]) -> tuple[dict, list]:
+    results = []
+    start = time.perf_counter()
+    if name == "cyclex_search":
+        makers = nti_makers(world, steps, inversion_guidance=float(min(grid["guidances"])))
+        search = MetricGuidedSearch(makers, world.scorer, world.cycle_check, **grid)
+        for r in world.requests:
+            results.append(search.search(r.image, r.source_prompt, r.target_prompt, r.finding))
+    else:
+        makers = nti_makers(world, steps)
+        arm_grid = grid if name == "algorithm1" else {
+            "null_settings": ("default",), "checkpoints": (CHECKPOINTS[0],), "strengths": (1.0,),
+            "guidances": (DEFAULT_GUIDANCE,),
+        }
+        for r in world.requests:
+            results.append(algorithm1_search(makers, world.scorer, world.cycle_check, r.image, r.source_prompt,
+                                             r.target_prompt, r.finding, **arm_grid))
+    summary = SearchSummary.from_results(results).to_dict()
+    summary["wall_seconds"] = time.perf_counter() - start
+    logger.info("%s: %s", name, {k: summary[k] for k in ("acceptance_rate", "unet_calls_per_accepted", "n_findings")})
+    return summary, results
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def run(world: World, steps: int, grid: dict[str, tuple]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "benchmark": "search",
+        "steps": steps,
+        "note": "all arms use the same reduced DDIM steps and the same acceptance (CF_Score >= 5 and cycle verified)",
+        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
+                    "device": "cpu", "torch": torch.__version__},
+        "world": world.description,
+        "thresholds": asdict(world.thresholds),
+        "grid": {k: list(v) for k, v in grid.items()},
+    }
+    attempts = {}
+    for name in ("single_pass", "algorithm1", "cyclex_search"):
+        out[name], results = run_arm(name, world, steps, grid)
+        attempts[name] = [r.attempts for r in results]
+    out["unet_calls_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["unet_calls_per_accepted"],
+                                                         out["algorithm1"]["unet_calls_per_accepted"])
+    out["seconds_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["seconds_per_accepted"],
+                                                      out["algorithm1"]["seconds_per_accepted"])
+    c, a, s = (out[k]["acceptance_rate"] for k in ("cyclex_search", "algorithm1", "single_pass"))
+    out["goals"] = {
+        "cyclex_acceptance_ge_algorithm1": c >= a,
+        "cyclex_acceptance_ge_2x_single_pass": c >= 2 * s,
+        "cyclex_unet_calls_le_tenth_of_algorithm1": (out["unet_calls_ratio_cyclex_vs_algorithm1"] or 1.0) <= 0.1,
+    }
+    out["ablation_cyclex_search"] = ablation_tables(attempts["cyclex_search"])
+    out["ablation_algorithm1"] = ablation_tables(attempts["algorithm1"])
+    out["gpu"] = None  # filled only when a session measured on a GPU machine
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM steps for every arm")
+    parser.add_argument("--findings", type=int, default=40)
+    parser.add_argument("--tiny", action="store_true", help="tiny random components (logic check)")
+    parser.add_argument("--tailored", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--strengths", type=float, nargs="+", default=[1.0, 0.9, 0.8])
+    parser.add_argument("--guidances", type=float, nargs="+", default=[7, 8, 9, 10])
+    parser.add_argument("--null-settings", nargs="+", default=["default", "underfit"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    world = tiny_world(args.findings) if args.tiny else demo_world(args.findings, args.tailored)
+    grid = {"null_settings": tuple(args.null_settings), "checkpoints": CHECKPOINTS,
+            "strengths": tuple(args.strengths), "guidances": tuple(args.guidances)}
+    result = run(world, args.steps, grid)
+    write_text_atomic(args.out, json.dumps(result, indent=2, default=str))
+    logger.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

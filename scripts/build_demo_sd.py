@@ -1,0 +1,34 @@
+"""Build the embedded default image models: the demo base SD, then the tailored SD of each demo generator.
+
+    python scripts/build_demo_sd.py [--only base|clean|shortcut] [--force]
+
+Output: $CYCLEX_HOME/demo/base_sd and $CYCLEX_HOME/demo/tailored/{clean,shortcut}
+(CYCLEX_HOME defaults to ~/.cache/cyclex). Each part takes a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from cyclex.demo.base_sd import BASE_METADATA, DEMO_BUILD_FILE, build_demo_base_sd, build_demo_tailored
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("base", "clean", "shortcut"), default=None)
+    parser.add_argument("--force", action="store_true", help="rebuild even when cached")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.only in (None, "base"):
+        base = build_demo_base_sd(force=args.force)
+        logging.info("base SD: %s", json.loads((base / BASE_METADATA).read_text()))
+    for name in ("clean", "shortcut"):
+        if args.only in (None, name):
+            folder = build_demo_tailored(name, force=args.force)
+            logging.info("tailored SD %s: %s", name, json.loads((folder / DEMO_BUILD_FILE).read_text()))
+
+
+if __name__ == "__main__":
+    main()
