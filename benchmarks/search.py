@@ -116,7 +116,7 @@ class World:
     description: dict[str, Any] = field(default_factory=dict)
 
 
-def phantom_requests(n_findings: int, findings_of, seed: int = 0) -> list[Request]:
+def phantom_requests(n_findings: int, findings_of, seed: int = 0, template: str = "cvlm") -> list[Request]:
     """One request per present finding of successive phantoms until n_findings are collected."""
     from cyclex.datasets.phantom import make_phantom, phantom_seed
 
@@ -130,7 +130,7 @@ def phantom_requests(n_findings: int, findings_of, seed: int = 0) -> list[Reques
         phantom = make_phantom(s)
         image = torch.from_numpy(phantom.image).float()[None]
         present = findings_of(phantom, image)
-        prompt = StructuredPrompt(present)
+        prompt = StructuredPrompt(present, template=template)
         for finding in present:
             requests.append(Request(image, prompt.text, prompt.remove(finding).text, finding, s))
     return requests[:n_findings]
@@ -191,7 +191,7 @@ def demo_world(n_findings: int, tailored: Path | None) -> World:
     from cyclex.demo.generators import cyclex_home, demo_generator_path
     from cyclex.demo.phantom_classifier import load_phantom_classifier
     from cyclex.labelers import RuleLabeler
-    from cyclex.tailored_training import load_tailored_pipeline
+    from cyclex.tailored_training import load_tailored_pipeline, read_tailored_metadata
 
     demo = cyclex_home() / "demo"
     tailored = tailored or demo / "tailored"
@@ -200,15 +200,17 @@ def demo_world(n_findings: int, tailored: Path | None) -> World:
     classifier = load_phantom_classifier(train_if_missing=False)
     generator = load_generator("hf:" + str(demo_generator_path("clean", train_if_missing=False)))
     labeler = RuleLabeler()
+    metadata = read_tailored_metadata(tailored)
+    uncertain = bool(metadata.get("uncertain_as_present", True))
     scorer = CounterfactualScorer(classifier, classifier, lpips=StandInLPIPS(classifier.net, classifier.config.image_size))
     scorer.thresholds = thresholds_for(scorer, demo / "cf_thresholds.json")
     pipes = {c: load_tailored_pipeline(tailored, checkpoint=c, dtype=torch.float32) for c in CHECKPOINTS}
 
     def findings_of(_phantom, image):
-        return sorted(labeler.label(generator.generate(image[None]))[0].present(True))
+        return list(labeler.label(generator.generate(image[None]))[0].present(uncertain))
 
-    requests = phantom_requests(n_findings, findings_of)
-    return World(pipes, scorer, generator_cycle_check(generator, labeler), requests, scorer.thresholds,
+    requests = phantom_requests(n_findings, findings_of, template=metadata.get("prompt_template", "cvlm"))
+    return World(pipes, scorer, generator_cycle_check(generator, labeler, uncertain), requests, scorer.thresholds,
                  {"world": "demo", "tailored": str(tailored), "generator": "demo:clean"})
 
 

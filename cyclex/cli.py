@@ -177,6 +177,7 @@ def train_tailored_command(
     learning_rate: float = typer.Option(None, "--learning-rate", help="default 5e-5"),
     checkpointing_steps: int = typer.Option(None, "--checkpointing-steps", help="default 5000"),
     generation_batch_size: int = typer.Option(16, "--generation-batch-size", help="images per generator call"),
+    inversion_steps: int = typer.Option(None, "--inversion-steps", help="DDIM steps T of checkpoint selection (default 50)"),
     select: bool = typer.Option(True, "--select/--no-select", help="run checkpoint selection after training"),
 ) -> None:
     """Build the tailored data set from the generator's own reports, train the tailored SD, select checkpoints.
@@ -204,7 +205,8 @@ def train_tailored_command(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
     overrides = {"max_train_steps": max_steps, "resolution": resolution, "train_batch_size": batch_size,
-                 "learning_rate": learning_rate, "checkpointing_steps": checkpointing_steps}
+                 "learning_rate": learning_rate, "checkpointing_steps": checkpointing_steps,
+                 "num_inversion_steps": inversion_steps}
     try:
         config = dataclasses.replace(TailoredTrainingConfig(), **{k: v for k, v in overrides.items() if v is not None})
         check_base_model(base)

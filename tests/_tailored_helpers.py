@@ -12,10 +12,10 @@ PROMPTS = ("The lung with no abnormalities", "The lung with abnormalities Cardio
            "The lung with abnormalities Pleural Effusion")
 
 
-def save_tiny_base(folder: Path) -> Path:
-    from cyclex.demo.tiny_sd import tiny_sd_pipeline
+def save_tiny_base(folder: Path, vae_channels: tuple[int, ...] = (32, 64, 64)) -> Path:
+    from cyclex.demo.tiny_sd import TinySDConfig, tiny_sd_pipeline
 
-    tiny_sd_pipeline().save_pretrained(folder)
+    tiny_sd_pipeline(TinySDConfig(vae_block_out_channels=vae_channels)).save_pretrained(folder)
     return folder
 
 
@@ -42,3 +42,8 @@ def write_manifest(folder: Path, n: int = 12, size: int = 32) -> Path:
             handle.write(json.dumps({"id": path.stem, "image": str(path), "prompt": PROMPTS[i % 3],
                                      "generated_prompt": PROMPTS[i % 3]}) + "\n")
     return manifest
+
+
+def disc_reports(images):
+    """A report generator for CLI tests: bright images get 'Cardiomegaly.', dark ones 'No acute process.'."""
+    return ["Cardiomegaly." if float(x.mean()) > 0.35 else "No acute cardiopulmonary process." for x in images]

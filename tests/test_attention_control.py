@@ -19,6 +19,15 @@ SOURCE = "The lung with abnormalities Cardiomegaly, Pleural Effusion"
 TARGET = "The lung with abnormalities Pleural Effusion"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, torch's spinning threads cost 10x wall time."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def parts():
     return tiny_sd_components()
@@ -124,3 +133,24 @@ def test_edit_runs_inside_the_unet(parts):
         unet(latents, 10, encoder_hidden_states=text)
     assert controller.edited_calls > 0
     assert controller.blend_mask() is not None
+
+
+def test_maker_with_prompt_to_prompt_keeps_identity_and_restores_processors(parts):
+    from diffusers import StableDiffusionPipeline
+
+    from cyclex.counterfactuals.fast_inversion import NegativePromptInversionMaker
+
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, image_encoder=None,
+                                   requires_safety_checker=False)
+    original = dict(pipe.unet.attn_processors)
+    plain = NegativePromptInversionMaker(pipe, num_inference_steps=3)
+    controlled = plain.replace(attention_control=AttentionControlConfig(local_blend=True, blend_start_fraction=0.0))
+    torch.manual_seed(0)
+    images = torch.rand(1, 1, 64, 64)
+    inversion = plain.invert(images, [SOURCE])
+    same_prompt = controlled.edit(inversion, [SOURCE], guidances=[7.5])
+    # Same prompt in both branches: borrowing the source's attention changes nothing.
+    assert torch.allclose(same_prompt, plain.edit(inversion, [SOURCE], guidances=[7.5]), atol=1e-4)
+    out = controlled.make(images, [SOURCE], [TARGET])
+    assert out.images.shape == (1, 1, 64, 64)
+    assert all(pipe.unet.attn_processors[k] is original[k] for k in original)

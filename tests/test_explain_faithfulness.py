@@ -116,14 +116,21 @@ def test_directional_similarity_by_hand():
     assert values.tolist() == pytest.approx([1 / math.sqrt(2), 0.0], abs=1e-6)  # zero image direction -> 0
 
 
+PROMPTS = ["The lung with abnormalities Cardiomegaly", "The lung with no abnormalities"]
+
+
 @pytest.fixture(scope="module")
 def tiny_clip_folder(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel
 
+    from cyclex.demo.tiny_sd import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(PROMPTS, model_max_length=16)
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1,
-                     "vocab_size": 64, "max_position_embeddings": 16},
+                     "vocab_size": len(tokenizer), "max_position_embeddings": 16,
+                     "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id},
         vision_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1,
                        "image_size": 32, "patch_size": 8},
         projection_dim=8,
@@ -131,11 +138,12 @@ def tiny_clip_folder(tmp_path_factory):
     model = CLIPModel(config).eval()
     folder = tmp_path_factory.mktemp("tiny_clip")
     model.save_pretrained(folder)
-    return folder, model
+    tokenizer.save_pretrained(folder)
+    return folder, model, tokenizer
 
 
 def test_clip_image_encoder_matches_a_manual_call(tiny_clip_folder):
-    folder, model = tiny_clip_folder
+    folder, model, _ = tiny_clip_folder
     encoder = CLIPImageEncoder(folder)
     x = images(4, (2, 1, 48, 48))
     embeddings = encoder.encode(x)
@@ -149,7 +157,22 @@ def test_clip_image_encoder_matches_a_manual_call(tiny_clip_folder):
     assert torch.allclose(embeddings, expected, atol=1e-5)
 
 
-def test_clip_vision_only_folder_and_missing_folder(tmp_path, tiny_clip_folder):
+def test_clip_text_embeddings_and_directional_similarity(tiny_clip_folder):
+    folder, model, tokenizer = tiny_clip_folder
+    encoder = CLIPImageEncoder(folder)
+    text = encoder.encode_text(PROMPTS)
+    with torch.no_grad():
+        out = model.get_text_features(**tokenizer(PROMPTS, padding=True, return_tensors="pt"))
+    expected = out if isinstance(out, torch.Tensor) else out.pooler_output
+    assert torch.allclose(text, expected, atol=1e-5)
+    factual, counterfactual = encoder.encode(images(6)), encoder.encode(images(7))
+    similarity = clip_directional_similarity(factual, counterfactual, text[:1], text[1:])
+    direction = (counterfactual - factual)
+    by_hand = (direction @ (text[1] - text[0])) / (direction.norm(dim=1) * (text[1] - text[0]).norm())
+    assert torch.allclose(similarity, by_hand, atol=1e-5)
+
+
+def test_clip_vision_only_folder_and_missing_folder(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)

@@ -53,8 +53,8 @@ class DemoGeneratorConfig:
     decoder_layers: int = 2
     heads: int = 4
     vocab_size: int = 384  # byte-level BPE: 256 bytes + merges covering the report words
-    n_train: int = 3000
-    epochs: int = 12
+    n_train: int = 4000
+    epochs: int = 10  # 1250 steps of 32
     batch_size: int = 32
     learning_rate: float = 2e-3
     # auxiliary multi-label loss on the pooled encoder tokens (head dropped before saving): the

@@ -121,6 +121,7 @@ class PhantomClassifier:
         os.close(handle)
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         save_file(state, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, directory / "model.safetensors")
         return directory
 
@@ -146,6 +147,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(handle, "w", encoding="utf-8") as out:
         out.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

@@ -44,6 +44,7 @@ from cyclex.explain.effectiveness import (
     XRVClassifier,
     counterfactual_probability_gain,
 )
+from cyclex.explain.evaluate_run import EvaluationConfig, evaluate_run
 from cyclex.explain.faithfulness import (
     CLIPImageEncoder,
     ImageEncoder,
@@ -121,4 +122,6 @@ __all__ = [
     "axiom_effectiveness",
     "axiom_composition",
     "axiom_reversibility",
+    "EvaluationConfig",
+    "evaluate_run",
 ]

@@ -36,6 +36,7 @@ def _save(plt, fig, path: str | os.PathLike) -> Path:
     os.close(handle)
     try:
         fig.savefig(tmp, dpi=120, format="png")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -216,7 +216,7 @@ class CheXbertLabeler:
                 input_ids[row, :len(ids)] = torch.tensor(ids)
                 attention_mask[row, :len(ids)] = 1
             heads = self.model(input_ids.to(self.device), attention_mask.to(self.device))
-            for store, head in zip(outputs, heads):
+            for store, head in zip(outputs, heads, strict=True):
                 store.append(head.float().cpu())
         if not texts:
             return [torch.zeros((0, head.out_features)) for head in self.model.linear_heads]

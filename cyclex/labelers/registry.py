@@ -106,7 +106,7 @@ def write_labels_csv(reports: list[str], labels: list[FindingLabels], out_path: 
         with handle:
             writer = csv.writer(handle)
             writer.writerow([report_column, *FINDINGS])
-            for report, row in zip(reports, labels):
+            for report, row in zip(reports, labels, strict=True):
                 writer.writerow([report, *(codes[row.states[f].value] for f in FINDINGS)])
         os.replace(handle.name, out)
     except BaseException:

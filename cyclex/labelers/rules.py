@@ -2,12 +2,14 @@
 
 The CheXpert labeler (Irvin et al. 2019) works in three phases, and so does this one:
 
-1. **Mention extraction**: an `entity_ruler` on `spacy.blank("en")` + `sentencizer` finds the
-   phrases of each of the 13 abnormalities (synonyms such as "enlarged cardiac silhouette",
-   "ET tube", "blunting of the costophrenic angle"). Overlaps resolve to the longest match, so
-   "pericardial effusion" (ignored) beats "effusion". Normal statements ("heart size is normal",
-   "the lungs are clear", "costophrenic angles are sharp") are mentions too and always count as
-   negative for the findings they rule out:
+1. **Mention extraction**: spaCy `Matcher` token patterns on `spacy.blank("en")` + `sentencizer`
+   find the phrases of each of the 13 abnormalities (synonyms such as "enlarged cardiac
+   silhouette", "ET tube", "blunting of the costophrenic angle"), set as `doc.ents`. Overlaps
+   resolve to the longest match as in spaCy's EntityRuler, so "pericardial effusion" (ignored)
+   beats "effusion". Patterns are tried only where their first word occurs (the Matcher's cost is
+   patterns x tokens), so a dense 1 MB report takes a few seconds. Normal statements
+   ("heart size is normal", "the lungs are clear", "costophrenic angles are sharp") are mentions
+   too and always count as negative for the findings they rule out:
 
    ======================================  ===============================================
    statement                               negative for
@@ -23,8 +25,8 @@ The CheXpert labeler (Irvin et al. 2019) works in three phases, and so does this
 
    "No acute cardiopulmonary process" mentions nothing; it leaves the findings blank and the report
    gets "No Finding" by the aggregation rule below.
-2. **Negation**: negspacy's `negex` component (NegEx, Chapman et al. 2001) with its
-   ``en_clinical`` termset, adapted for radiology: cues added ("clear of", "resolution of",
+2. **Negation**: negspacy's `Negex` (NegEx, Chapman et al. 2001; its entity loop made linear in
+   the report length) with its ``en_clinical`` termset, adapted for radiology: cues added ("clear of", "resolution of",
    "removal of", "has resolved", "has been removed", "no longer" ...), cues that signal
    uncertainty rather than negation removed ("versus", "rule out", "evaluate for"), and the
    uncertain phrases that contain a negation word ("cannot be excluded", "not ruled out") made
@@ -62,8 +64,8 @@ import numpy as np
 import spacy
 from negspacy.negation import Negex
 from negspacy.termsets import termset
-from spacy.matcher import Matcher, PhraseMatcher
 from spacy.attrs import LOWER
+from spacy.matcher import Matcher, PhraseMatcher
 from spacy.tokens import Doc, Span
 
 from cyclex.findings import ABNORMALITIES, NO_FINDING, FindingLabels, LabelState
@@ -421,17 +423,18 @@ class RuleLabeler:
         self.nlp.max_length = max(self.nlp.max_length, 2 * max_chunk_chars)
         self.nlp.add_pipe("sentencizer")
         vocab = self.nlp.vocab
-        self._mention_matcher = Matcher(vocab)
-        for finding, phrases in _FINDING_PHRASES.items():
-            self._mention_matcher.add(finding, [q for p in phrases for q in _compile(p)])
-        for key, (_, phrases) in _NORMAL_STATEMENTS.items():
-            self._mention_matcher.add(_NORMAL_LABEL_PREFIX + key, [q for p in phrases for q in _compile(p)])
-        self._mention_matcher.add(_IGNORED_LABEL, [q for p in _IGNORED_PHRASES for q in _compile(p)])
-        # Every pattern starts with one exact word; a sentence holding none of them has no mention.
-        anchors = {vocab.strings[pattern[0]["LOWER"]] for phrases in (
-            *_FINDING_PHRASES.values(), *(p for _, p in _NORMAL_STATEMENTS.values()), _IGNORED_PHRASES)
-            for phrase in phrases for pattern in _compile(phrase)}
-        self._anchor_ids = np.array(sorted(anchors), dtype=np.uint64)
+        # One small Matcher per first word: every pattern starts with one exact word, so the patterns
+        # are tried only where their first word occurs (spaCy's Matcher costs patterns x tokens).
+        self._matchers_by_anchor: dict[int, Matcher] = {}
+        groups = [(finding, phrases) for finding, phrases in _FINDING_PHRASES.items()]
+        groups += [(_NORMAL_LABEL_PREFIX + key, phrases) for key, (_, phrases) in _NORMAL_STATEMENTS.items()]
+        groups += [(_IGNORED_LABEL, _IGNORED_PHRASES)]
+        for label, phrases in groups:
+            for phrase in phrases:
+                for pattern in _compile(phrase):
+                    anchor = vocab.strings.add(pattern[0]["LOWER"])
+                    self._matchers_by_anchor.setdefault(anchor, Matcher(vocab)).add(label, [pattern])
+        self._anchor_ids = np.array(sorted(self._matchers_by_anchor), dtype=np.uint64)
         negation_terms = _negation_termset()
         self._negation = _LinearNegex(self.nlp, "negex", neg_termset=negation_terms)
         self._uncertainty_matcher = Matcher(vocab)
@@ -463,24 +466,29 @@ class RuleLabeler:
                 offset += len(piece)
         found: list[list[Mention]] = [[] for _ in texts]
         docs = self.nlp.pipe((piece for _, _, piece in chunks), batch_size=self.batch_size)
-        for (index, offset, _), doc in zip(chunks, docs):
+        for (index, offset, _), doc in zip(chunks, docs, strict=True):
             self._find_mentions(doc)
             found[index] += self._doc_mentions(self._negation(doc), offset)
-        return list(zip(texts, found))
+        return list(zip(texts, found, strict=True))
 
     def _find_mentions(self, doc: Doc) -> None:
         """Set `doc.ents` to the finding mentions, longest match first (as spaCy's EntityRuler).
 
-        The Matcher runs only on the sentences that contain an anchor word: its cost grows with the
-        number of patterns times the number of tokens, and most sentences of a long report hold none.
+        Each occurrence of a pattern's first word runs that word's patterns on the rest of its
+        sentence and keeps the matches that start there.
         """
         lowers = doc.to_array([LOWER]).reshape(-1).astype(np.uint64)
-        has_anchor = np.isin(lowers, self._anchor_ids)
+        positions = np.flatnonzero(np.isin(lowers, self._anchor_ids))
+        if not len(positions):
+            doc.ents = []
+            return
+        sentence_ends = sorted(sent.end for sent in doc.sents)
         spans = []
-        for sentence in doc.sents:
-            if has_anchor[sentence.start:sentence.end].any():
-                spans += [Span(doc, sentence.start + s, sentence.start + e, label=m)
-                          for m, s, e in self._mention_matcher(sentence)]
+        for position in positions.tolist():
+            end = sentence_ends[bisect_right(sentence_ends, position)]
+            matcher = self._matchers_by_anchor[int(lowers[position])]
+            spans += [Span(doc, position, position + stop, label=label)
+                      for label, start, stop in matcher(doc[position:end]) if start == 0]
         doc.ents = spacy.util.filter_spans(spans)
 
     def _doc_mentions(self, doc: Doc, offset: int) -> list[Mention]:
