@@ -292,6 +292,8 @@ def run(world: World, steps: int, grid: dict[str, tuple]) -> dict[str, Any]:
         attempts[name] = [r.attempts for r in results]
     out["unet_calls_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["unet_calls_per_accepted"],
                                                          out["algorithm1"]["unet_calls_per_accepted"])
+    out["unet_passes_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["unet_passes_per_accepted"],
+                                                          out["algorithm1"]["unet_passes_per_accepted"])
     out["seconds_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["seconds_per_accepted"],
                                                       out["algorithm1"]["seconds_per_accepted"])
     c, a, s = (out[k]["acceptance_rate"] for k in ("cyclex_search", "algorithm1", "single_pass"))
@@ -299,7 +301,13 @@ def run(world: World, steps: int, grid: dict[str, tuple]) -> dict[str, Any]:
         "cyclex_acceptance_ge_algorithm1": c >= a,
         "cyclex_acceptance_ge_2x_single_pass": c >= 2 * s,
         "cyclex_unet_calls_le_tenth_of_algorithm1": (out["unet_calls_ratio_cyclex_vs_algorithm1"] or 1.0) <= 0.1,
+        "cyclex_unet_passes_le_tenth_of_algorithm1": (out["unet_passes_ratio_cyclex_vs_algorithm1"] or 1.0) <= 0.1,
     }
+    # Whole-run cost ratios (defined even when an arm accepts nothing).
+    out["unet_calls_total_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["unet_calls_total"],
+                                                               out["algorithm1"]["unet_calls_total"])
+    out["unet_passes_total_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["unet_passes_total"],
+                                                                out["algorithm1"]["unet_passes_total"])
     out["ablation_cyclex_search"] = ablation_tables(attempts["cyclex_search"])
     out["ablation_algorithm1"] = ablation_tables(attempts["algorithm1"])
     out["gpu"] = None  # filled only when a session measured on a GPU machine
@@ -316,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strengths", type=float, nargs="+", default=[1.0, 0.9, 0.8])
     parser.add_argument("--guidances", type=float, nargs="+", default=[7, 8, 9, 10])
     parser.add_argument("--null-settings", nargs="+", default=["default", "underfit"])
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 on a shared CPU)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     world = tiny_world(args.findings) if args.tiny else demo_world(args.findings, args.tailored)
     grid = {"null_settings": tuple(args.null_settings), "checkpoints": CHECKPOINTS,

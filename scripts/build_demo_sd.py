@@ -12,17 +12,28 @@ import argparse
 import json
 import logging
 
-from cyclex.demo.base_sd import BASE_METADATA, DEMO_BUILD_FILE, build_demo_base_sd, build_demo_tailored
+from cyclex.demo.base_sd import (
+    BASE_METADATA,
+    DEMO_BUILD_FILE,
+    DemoBaseSDConfig,
+    build_demo_base_sd,
+    build_demo_tailored,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("base", "clean", "shortcut"), default=None)
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
+    parser.add_argument("--vae-seconds", type=float, default=None,
+                        help="wall-time budget of the VAE loop (default: DemoBaseSDConfig.time_budget_s)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.only in (None, "base"):
-        base = build_demo_base_sd(force=args.force)
+        config = DemoBaseSDConfig()
+        if args.vae_seconds is not None:
+            config.time_budget_s = args.vae_seconds
+        base = build_demo_base_sd(config=config, force=args.force)
         logging.info("base SD: %s", json.loads((base / BASE_METADATA).read_text()))
     for name in ("clean", "shortcut"):
         if args.only in (None, name):

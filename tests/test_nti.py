@@ -182,5 +182,8 @@ def test_search_reuses_one_inversion_for_every_strength_and_guidance(nti_run, im
     # 2 (CFG) x 2 guidances x (5 + 4 steps) for delta 1.0 and 0.8.
     best_l2_calls = sum(a["unet_calls"] for a in result.attempts if a["checkpoint"] == "best_l2")
     assert best_l2_calls == 2 * 2 * (5 + 4)
+    # Forward passes: the guidance batch is one pass per step; best_l1 adds its pivot (5) and the
+    # NTI fit (cond + inner iterations + step per step, at least 3 per step).
+    assert result.unet_passes >= (5 + 4) * 2 + 5 + 3 * 5
     best_l1_calls = sum(a["unet_calls"] for a in result.attempts if a["checkpoint"] == "best_l1")
     assert best_l1_calls > best_l2_calls + STEPS  # its own pivot and null-text fit

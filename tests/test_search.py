@@ -45,6 +45,7 @@ class FakeMaker:
     def __init__(self, checkpoint: str, codes: SettingCodes, events: list, null_setting="default") -> None:
         self.checkpoint, self.codes, self.events, self.null_setting = checkpoint, codes, events, null_setting
         self.unet_calls = 0
+        self.unet_forward_passes = 0
         self.inversion_guidance = 7.5
         self.cache = None
 
@@ -60,11 +61,13 @@ class FakeMaker:
 
     def invert(self, images, prompts):
         self.unet_calls += 10
+        self.unet_forward_passes += 3
         self.events.append(("invert", self.null_setting, self.checkpoint, self.inversion_guidance))
         return {"n": images.shape[0]}
 
     def edit(self, inversion, targets, guidances, strength, output_size):
         self.unet_calls += 2 * len(guidances)
+        self.unet_forward_passes += 1  # the guidances run as one batch
         self.events.append(("edit", self.null_setting, self.checkpoint, strength, tuple(guidances)))
         values = [self.codes.encode((self.null_setting, self.checkpoint, float(strength), float(g))) for g in guidances]
         return torch.stack([torch.full((1, *output_size), v) for v in values]).unsqueeze(0)
@@ -124,6 +127,7 @@ def test_stops_at_first_accepted_setting_in_paper_order():
     assert [e for e in events if e[0] == "invert"] == [("invert", "default", "best_l2", 7.5)]  # one inversion
     assert len(result.attempts) == 8
     assert result.unet_calls == 10 + 2 * 4 * 2
+    assert result.unet_passes == 3 + 2
     assert cycle.seen == [target]  # the generator only saw the candidate passing CF_Score
     assert float(result.image.mean()) == pytest.approx(search.scorer.codes.settings.index(target) / 1e4 + 1e-4)
     json.dumps(result.attempts)  # the log is JSON-ready
@@ -175,6 +179,7 @@ def test_algorithm1_reinverts_at_every_setting():
     assert len(inversions) == len(result.attempts) == 4 + 2  # delta 1.0 x 4 omegas, then 0.9 x (7, 8)
     assert [e[3] for e in inversions] == [7.0, 8.0, 9.0, 10.0, 7.0, 8.0]  # NTI fitted at the sampling omega
     assert result.unet_calls == 6 * (10 + 2)
+    assert result.unet_passes == 6 * (3 + 1)
 
 
 def test_ablation_tables_count_by_hand():
@@ -239,3 +244,28 @@ def test_bad_configuration_is_rejected():
         MetricGuidedSearch({"best_l2": FakeMaker("best_l2", codes, [])}, None, None)
     with pytest.raises(ValueError, match="guidances"):
         MetricGuidedSearch(lambda c, n: None, None, None, guidances=())
+
+
+def test_benchmark_helpers():
+    from benchmarks.search import StandInLPIPS, generator_cycle_check, ratio
+    from cyclex.demo.phantom_classifier import PhantomClassifierConfig, PhantomClassifierNet
+    from cyclex.findings import FindingLabels, LabelState
+
+    torch.manual_seed(0)
+    metric = StandInLPIPS(PhantomClassifierNet(PhantomClassifierConfig()))
+    a, b = torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64)
+    assert torch.allclose(metric(a, a), torch.zeros(2), atol=1e-6)
+    assert (metric(a, b) > 0).all() and torch.allclose(metric(a, b), metric(b, a), atol=1e-5)
+
+    class Generator:
+        def generate(self, images):
+            return ["cardiomegaly" if float(img.mean()) > 0.5 else "normal" for img in images]
+
+    class Labeler:
+        def label(self, reports):
+            return [FindingLabels({"Cardiomegaly": LabelState.POSITIVE} if r == "cardiomegaly" else {}) for r in reports]
+
+    check = generator_cycle_check(Generator(), Labeler())
+    images = torch.stack([torch.ones(1, 4, 4), torch.zeros(1, 4, 4)])
+    assert check(images, ["Cardiomegaly", "Cardiomegaly"]) == [False, True]
+    assert ratio(1.0, 4.0) == 0.25 and ratio(None, 1.0) is None and ratio(1.0, 0.0) is None

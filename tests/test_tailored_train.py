@@ -113,3 +113,22 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="mixed_precision"):
         TailoredTrainingConfig(mixed_precision="fp8")
     assert TailoredTrainingConfig().train_batch_size == 8 and TailoredTrainingConfig().learning_rate == 5e-5
+
+
+def test_ema_accumulation_checkpointing_and_image_batches(base, manifest, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    cfg = dataclasses.replace(CONFIG, max_train_steps=2, checkpointing_steps=2, use_ema=True, ema_decay=0.5,
+                              gradient_checkpointing=True, precompute_latents=False, gradient_accumulation_steps=2)
+    result = train_tailored(manifest, base, tmp_path / "out", cfg)
+    assert result.global_step == 2
+    ckpt = tmp_path / "out" / "checkpoints" / "checkpoint-000002"
+    ema = UNet2DConditionModel.from_pretrained(ckpt, subfolder="unet")  # deployable (EMA) weights
+    raw = UNet2DConditionModel.from_pretrained(ckpt, subfolder="unet_train")  # what the optimizer trains
+    start = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    w_ema, w_raw, w_start = ema.conv_in.weight, raw.conv_in.weight, start.conv_in.weight
+    assert not torch.equal(w_ema, w_raw) and not torch.equal(w_raw, w_start)
+    # EMA lies between the start and the trained weights (decay 0.5, warm-up-adjusted by diffusers)
+    assert float((w_ema - w_start).norm()) < float((w_raw - w_start).norm())
+    folder_unet = UNet2DConditionModel.from_pretrained(tmp_path / "out", subfolder="unet")
+    assert torch.equal(folder_unet.conv_in.weight, w_ema)

@@ -74,6 +74,8 @@ def order_by_success_share(values: Sequence, dimension: str) -> list:
     shares = PAPER_SUCCESS_SHARES.get(dimension, {})
 
     def share(value) -> float:
+        if isinstance(value, (list, tuple)):
+            return -1.0  # custom (inner_steps, eps) null settings: no paper share
         key = float(value) if isinstance(value, (int, float)) else value
         return shares.get(key, -1.0)
 
@@ -97,6 +99,7 @@ class SearchResult:
     unet_calls: int
     seconds: float
     finding: str = ""
+    unet_passes: int = 0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -106,6 +109,7 @@ class SearchResult:
             "score": _score_int(self.score),
             "setting": self.setting,
             "unet_calls": self.unet_calls,
+            "unet_passes": self.unet_passes,
             "seconds": self.seconds,
             "n_attempts": len(self.attempts),
         }
@@ -133,8 +137,15 @@ def _metric_key(result: Any) -> tuple[float, ...]:
 
 
 def _unet_calls(maker: Any) -> int:
+    """UNet evaluations per batch item so far (a batch of 8 latents counts 8)."""
     ld = getattr(maker, "ld", None)
     return int(getattr(ld, "unet_calls", getattr(maker, "unet_calls", 0)))
+
+
+def _unet_passes(maker: Any) -> int:
+    """UNet forward passes so far (a batch of 8 latents counts 1): what wall time follows."""
+    ld = getattr(maker, "ld", None)
+    return int(getattr(ld, "unet_forward_passes", getattr(maker, "unet_forward_passes", 0)))
 
 
 def _score_batch(scorer: Any, factual: torch.Tensor, counterfactuals: torch.Tensor, finding: str) -> list:
@@ -236,6 +247,7 @@ class MetricGuidedSearch:
         attempts: list[dict[str, Any]] = []
         best: tuple | None = None
         total_calls = 0
+        passes_start = {}
         for null_setting in self.null_settings:
             for checkpoint in self.checkpoints:
                 effective_null = null_setting
@@ -244,6 +256,7 @@ class MetricGuidedSearch:
                         continue  # a maker without null settings is tried once per checkpoint
                     effective_null = None
                 maker = self.maker_for(checkpoint, effective_null)
+                passes_start.setdefault(id(getattr(maker, "ld", maker)), (maker, _unet_passes(maker)))
                 t0, c0 = time.perf_counter(), _unet_calls(maker)
                 inversion = maker.invert(factual, [source_prompt])
                 pending_calls, pending_seconds = _unet_calls(maker) - c0, time.perf_counter() - t0
@@ -266,10 +279,13 @@ class MetricGuidedSearch:
                         if best is None or candidate > best[0]:
                             best = (candidate, images[k], attempt)
                     if accepted_index is not None:
+                        passes = sum(_unet_passes(m) - p for m, p in passes_start.values())
                         return self._finish(images[accepted_index], group[accepted_index], attempts, finding,
-                                            total_calls, start_time, accepted=True)
+                                            total_calls, start_time, accepted=True, passes=passes)
         assert best is not None  # every loop ran at least once (checked in __init__)
-        return self._finish(best[1], best[2], attempts, finding, total_calls, start_time, accepted=False)
+        passes = sum(_unet_passes(m) - p for m, p in passes_start.values())
+        return self._finish(best[1], best[2], attempts, finding, total_calls, start_time, accepted=False,
+                            passes=passes)
 
     def _judge(self, factual, images, finding, settings, calls, seconds):
         """Score a guidance batch (cheap), cycle-check the passing ones (one generator call)."""
@@ -302,7 +318,7 @@ class MetricGuidedSearch:
             })
         return group, accepted_index
 
-    def _finish(self, image, attempt, attempts, finding, total_calls, start_time, accepted) -> SearchResult:
+    def _finish(self, image, attempt, attempts, finding, total_calls, start_time, accepted, passes=0) -> SearchResult:
         setting = {k: attempt[k] for k in ("null_setting", "checkpoint", "strength", "guidance")}
         result = SearchResult(
             image=image.detach().cpu(),
@@ -314,6 +330,7 @@ class MetricGuidedSearch:
             unet_calls=int(round(total_calls)),
             seconds=time.perf_counter() - start_time,
             finding=finding,
+            unet_passes=int(passes),
         )
         self._log(result)
         return result
@@ -356,7 +373,7 @@ def evaluate_setting(
     Returns (image (1, H, W), attempt dict with score, verified, accepted, unet_calls, seconds).
     """
     factual = _as_single_image(image)
-    t0, c0 = time.perf_counter(), _unet_calls(maker)
+    t0, c0, p0 = time.perf_counter(), _unet_calls(maker), _unet_passes(maker)
     inversion = maker.invert(factual, [source_prompt])
     cf = maker.edit(inversion, [target_prompt], guidances=[guidance], strength=strength,
                     output_size=tuple(factual.shape[-2:]))[0]
@@ -375,6 +392,7 @@ def evaluate_setting(
         "verified": verified,
         "accepted": verified is True,
         "unet_calls": calls,
+        "unet_passes": _unet_passes(maker) - p0,
         "seconds": time.perf_counter() - t0,
         "_result": result,
     }
@@ -445,6 +463,7 @@ def _algorithm1_result(best, attempts, finding, total_calls, start_time, accepte
         unet_calls=int(total_calls),
         seconds=time.perf_counter() - start_time,
         finding=finding,
+        unet_passes=int(sum(a.get("unet_passes", 0) for a in attempts)),
     )
 
 
@@ -530,10 +549,12 @@ class SearchSummary:
 
     acceptance_rate: float
     unet_calls_per_accepted: float | None
+    unet_passes_per_accepted: float | None
     seconds_per_accepted: float | None
     n_findings: int
     n_accepted: int
     unet_calls_total: int
+    unet_passes_total: int
     seconds_total: float
     mean_score: float
     extra: dict[str, Any] = field(default_factory=dict)
@@ -543,14 +564,17 @@ class SearchSummary:
         n = len(results)
         accepted = sum(r.accepted for r in results)
         calls = sum(r.unet_calls for r in results)
+        passes = sum(r.unet_passes for r in results)
         seconds = sum(r.seconds for r in results)
         return cls(
             acceptance_rate=accepted / n if n else 0.0,
             unet_calls_per_accepted=calls / accepted if accepted else None,
+            unet_passes_per_accepted=passes / accepted if accepted else None,
             seconds_per_accepted=seconds / accepted if accepted else None,
             n_findings=n,
             n_accepted=accepted,
             unet_calls_total=int(calls),
+            unet_passes_total=int(passes),
             seconds_total=seconds,
             mean_score=float(np.mean([_score_int(r.score) for r in results])) if n else 0.0,
         )

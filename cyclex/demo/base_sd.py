@@ -116,7 +116,7 @@ def train_phantom_vae(vae, images: torch.Tensor, *, steps: int, batch_size: int 
         optimizer.step()
         schedule.step()
         step += 1
-        recent.append(float(loss))
+        recent.append(float(loss.detach()))
         if step % 100 == 0:
             logger.info("demo VAE step %d/%d loss %.4f", step, steps, float(np.mean(recent[-100:])))
         if time_budget_s is not None and time.perf_counter() - started > time_budget_s:

@@ -54,7 +54,7 @@ class DemoGeneratorConfig:
     heads: int = 4
     vocab_size: int = 384  # byte-level BPE: 256 bytes + merges covering the report words
     n_train: int = 4000
-    epochs: int = 10  # 1250 steps of 32
+    epochs: int = 16  # 2000 steps of 32
     batch_size: int = 32
     learning_rate: float = 2e-3
     # auxiliary multi-label loss on the pooled encoder tokens (head dropped before saving): the
@@ -217,6 +217,7 @@ def train_demo_generator(name: str, out_dir: str | Path, *, n_train: int | None 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
+    started_cpu = time.process_time()  # CPU seconds: comparable across machines shared with other jobs
     try:
         torch.manual_seed(config.seed)
         # 2. Data: phantoms -> pixel values and report token labels
@@ -269,6 +270,7 @@ def train_demo_generator(name: str, out_dir: str | Path, *, n_train: int | None 
                 if step >= total_steps:
                     break
         train_seconds = time.perf_counter() - started - data_seconds
+        cpu_seconds = time.process_time() - started_cpu
         # 5. Save (atomically): model (fp32 safetensors), tokenizer, processor, metadata
         model.eval()
         staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -281,6 +283,7 @@ def train_demo_generator(name: str, out_dir: str | Path, *, n_train: int | None 
                     "final_loss": float(np.mean(losses[-10:])),  # mean of the last 10 steps
                     "n_parameters": sum(p.numel() for p in model.parameters()),
                     "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
+                    "process_cpu_seconds": round(cpu_seconds, 1),
                     "torch_threads": config.threads}
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
         if out_dir.exists():
