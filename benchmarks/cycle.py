@@ -1,0 +1,119 @@
+"""The cycle on held-out phantoms with the plain DDIM maker (issue 5's benchmark).
+
+`python -m benchmarks.cycle [--n 200] [--steps 50]` writes benchmarks/results/cycle.json:
+per demo generator the Cyclic Rate overall and per finding, the mean pixel ROC-AUC of the
+positive difference map max(I - CF, 0) against the true finding mask (inside the chest box), the
+share of Cardiomegaly frames whose largest component overlaps the shortcut marker, and the time
+`cyclex demo` takes with its models cached.
+Goals: cyclic rate >= 0.7; clean pixel AUC >= 0.85; marker overlap >= 0.8 (shortcut), <= 0.1 (clean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results" / "cycle.json"
+WORK = Path(__file__).parent / ".work" / "cycle"
+BENCH_SEED = 7_331  # held out from training and from the demo's query set
+
+
+def pixel_aucs(run: Path, chest_boxes: dict[str, list[int] | None]) -> dict[str, list[float]]:
+    """Pixel ROC-AUC of each item's positive difference map against its true mask, per finding."""
+    from cyclex.explain.alignment import pixel_roc_auc
+
+    per_finding: dict[str, list[float]] = {}
+    for line in (json.loads(x) for x in (run / "results.jsonl").read_text().splitlines() if x.strip()):
+        if not line.get("mask_png"):
+            continue  # the generator reported a finding the phantom does not have: no truth to compare
+        mask = cv2.imread(str(run / line["mask_png"]), cv2.IMREAD_GRAYSCALE) > 0
+        positive = np.load(run / line["positive_npy"])
+        auc = pixel_roc_auc(positive, mask, chest_box=chest_boxes.get(line["image_id"]))
+        if not math.isnan(auc):
+            per_finding.setdefault(line["finding"], []).append(auc)
+    return per_finding
+
+
+def time_demo(steps: int) -> float:
+    """Wall time of `cyclex demo` into a fresh folder, with the demo models already cached."""
+    out = WORK / "demo"
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "cyclex", "demo", "--out", str(out), "--steps", str(steps)],
+                   check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from cyclex.adapters import load_generator
+    from cyclex.cycle.run_folder import read_results, run_explain
+    from cyclex.datasets.phantom import read_phantom_folder, write_phantom_folder
+    from cyclex.demo.run_demo import demo_assets, demo_query_phantoms, shortcut_marker_overlap
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=200, help="held-out phantoms")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (inversion and sampling)")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--skip-demo-timing", action="store_true")
+    args = parser.parse_args(argv)
+
+    assets = demo_assets()
+    shutil.rmtree(WORK, ignore_errors=True)
+    phantom_dir = write_phantom_folder(demo_query_phantoms(args.n, seed=BENCH_SEED), WORK / "phantoms")
+    records = read_phantom_folder(phantom_dir)
+    chest_boxes = {}
+    for record in records:  # frames on the whole image; AUC restricted to the chest box below
+        chest_boxes[record["id"]] = record.pop("chest_box", None)
+    result: dict = {"n_phantoms": args.n, "steps": args.steps, "guidance": args.guidance, "variant": "ddim",
+                    "generators": {}}
+    for name in assets:
+        started = time.perf_counter()
+        run = WORK / name
+        summary = run_explain(load_generator(f"demo:{name}"), assets[name]["tailored"], records, run,
+                              steps=args.steps, guidance=args.guidance, progress=False,
+                              generator_spec=f"demo:{name}", labeler_spec="rules")
+        aucs = pixel_aucs(run, chest_boxes)
+        all_aucs = [a for values in aucs.values() for a in values]
+        overlap = shortcut_marker_overlap(run)
+        lines = read_results(run)
+        result["generators"][name] = {
+            "cyclic_rate": summary["cyclic_rate"],
+            "cyclic_rate_per_finding": {f: v["cyclic_rate"] for f, v in summary["per_finding"].items()},
+            "n_per_finding": {f: v["n"] for f, v in summary["per_finding"].items()},
+            "n_findings": summary["n"],
+            "pixel_auc_positive_diff": float(np.mean(all_aucs)) if all_aucs else None,
+            "pixel_auc_positive_diff_per_finding": {f: float(np.mean(v)) for f, v in aucs.items()},
+            "n_items_with_true_mask": len(all_aucs),
+            "shortcut_marker_overlap_rate": overlap["overlap_rate"],
+            "n_cardiomegaly_frames_with_marker": overlap["n_frames_with_marker"],
+            "n_collateral_changes": sum(bool(x["collateral_added"] or x["collateral_lost"]) for x in lines),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    if not args.skip_demo_timing:
+        result["demo_seconds"] = round(time_demo(args.steps), 1)
+    clean, shortcut = result["generators"].get("clean", {}), result["generators"].get("shortcut", {})
+    result["goals"] = {
+        "cyclic_rate_clean_ge_0.7": (clean.get("cyclic_rate") or 0) >= 0.7,
+        "cyclic_rate_shortcut_ge_0.7": (shortcut.get("cyclic_rate") or 0) >= 0.7,
+        "pixel_auc_clean_ge_0.85": (clean.get("pixel_auc_positive_diff") or 0) >= 0.85,
+        "shortcut_marker_overlap_ge_0.8": (shortcut.get("shortcut_marker_overlap_rate") or 0) >= 0.8,
+        "clean_marker_overlap_le_0.1": (clean.get("shortcut_marker_overlap_rate") or 0) <= 0.1,
+        "demo_under_300_s": result.get("demo_seconds", math.inf) < 300,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""`python -m cyclex` runs the command line."""
+
+from cyclex.cli import app
+
+app()
