@@ -47,6 +47,8 @@ def test_shapes_and_schedule(diffusion):
     assert latents.shape == (2, 4, 16, 16)
     assert diffusion.timesteps.tolist() == sorted(diffusion.timesteps.tolist(), reverse=True)
     assert len(diffusion.timesteps) == STEPS
+    # trajectory[k] sits at sampling step T - k: the inverse schedule is the sampling one reversed
+    assert diffusion.inverse_scheduler.timesteps.tolist() == diffusion.timesteps.flip(0).tolist()
     decoded = diffusion.decode_latents(latents)
     assert decoded.shape == (2, 1, 64, 64)
     assert float(decoded.min()) >= 0.0 and float(decoded.max()) <= 1.0
@@ -117,3 +119,16 @@ def test_bad_inputs_are_named(diffusion):
         diffusion.ddim_sample(z0, cond, uncond_per_step=[cond])
     with pytest.raises(ValueError, match="num_inference_steps"):
         LatentDiffusion(diffusion.pipe, num_inference_steps=0)
+
+
+def test_any_scheduler_config_gives_matching_ddim_schedules(pipe):
+    from diffusers import PNDMScheduler
+
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = PNDMScheduler.from_config({**original.config, "timestep_spacing": "linspace"})
+        other = LatentDiffusion(pipe, num_inference_steps=STEPS)
+    finally:
+        pipe.scheduler = original
+    assert type(other.scheduler).__name__ == "DDIMScheduler"
+    assert other.inverse_scheduler.timesteps.tolist() == other.timesteps.flip(0).tolist()

@@ -74,8 +74,13 @@ def test_run_folder_contents(tmp_path):
     assert summary["per_finding"]["Edema"] == {"cyclic_rate": 0.0, "n": 1, "n_verified": 0}
     assert json.loads((out / "summary.json").read_text())["cyclic_rate"] == pytest.approx(6 / 7)
     first = lines[0]
-    for key in ("query_png", "counterfactual_png", "difference_png", "frame_png", "signed_npy", "positive_npy"):
+    for key in ("query_png", "counterfactual_png", "difference_png", "frame_png", "frame_mask_png", "signed_npy",
+                "positive_npy"):
         assert (out / first[key]).is_file(), key
+    with Image.open(out / first["frame_mask_png"]) as png:
+        frame_mask = np.asarray(png) > 0
+    y0, y1, x0, x1 = HEART
+    assert frame_mask.sum() == (y1 - y0) * (x1 - x0) and frame_mask[y0:y1, x0:x1].all()
     assert first["mask_png"] == "items/a/cardiomegaly/mask.png" and (out / first["mask_png"]).is_file()
     assert lines[1]["mask_png"] is None and first["shortcut"] is False
     signed = np.load(out / first["signed_npy"])

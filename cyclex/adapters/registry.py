@@ -16,6 +16,7 @@ text when it is the last option, so a prompt may contain commas. ``dataset=`` is
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import re
@@ -168,7 +169,7 @@ def _load_demo(body: str, options: dict[str, str], spec: str) -> ReportGenerator
         raise GeneratorSpecError(f"generator spec {spec!r}: demo generators take only device and batch_size")
     generator = HFImageToTextGenerator.from_pretrained(demo_generator_path(body), device=device,
                                                        batch_size=batch_size)
-    generator.info = type(generator.info)(**{**generator.info.__dict__, "name": f"demo:{body}"})
+    generator.info = dataclasses.replace(generator.info, name=f"demo:{body}")
     return generator
 
 

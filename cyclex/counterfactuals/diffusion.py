@@ -49,8 +49,14 @@ class LatentDiffusion:
         self.vae = pipe.vae
         self.num_inference_steps = int(num_inference_steps)
         # Eta = 0 DDIM both ways, on the pipeline's own noise schedule (betas, offset, spacing).
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.inverse_scheduler = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+        config = dict(pipe.scheduler.config)
+        if config.get("timestep_spacing", "leading") not in ("leading", "trailing"):
+            # DDIMInverseScheduler knows only these two; both directions must share one schedule
+            logger.warning("timestep_spacing %r not invertible by DDIMInverseScheduler; using 'leading'",
+                           config["timestep_spacing"])
+            config["timestep_spacing"] = "leading"
+        self.scheduler = DDIMScheduler.from_config(config)
+        self.inverse_scheduler = DDIMInverseScheduler.from_config(config)
         self.scheduler.set_timesteps(self.num_inference_steps)
         self.inverse_scheduler.set_timesteps(self.num_inference_steps)
         self.unet_calls = 0

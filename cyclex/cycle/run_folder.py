@@ -7,7 +7,8 @@ Layout::
       results.jsonl          one line per image x removed finding, input order then vocabulary order
       summary.json           Cyclic Rate overall and per finding, counts, seconds
       items/IMAGE/FINDING/   query.png, counterfactual.png, difference.png (positive part, colour),
-                             frame.png (contours on the query), signed.npy / positive.npy (float32
+                             frame.png (contours on the query), frame_mask.png (the frame's
+                             K components, 0/255), signed.npy / positive.npy (float32
                              maps), mask.png (ground-truth mask, when the input had one),
                              shortcut_mask.png (phantoms with the spurious marker)
       records/IMAGE/FINDING.json   the finished item's result line
@@ -175,6 +176,7 @@ def _write_item(out: Path, record: Mapping[str, Any], result: CycleResult, setti
         "counterfactual": rel / "counterfactual.png",
         "difference": rel / "difference.png",
         "frame": rel / "frame.png",
+        "frame_mask": rel / "frame_mask.png",
         "signed_npy": rel / "signed.npy",
         "positive_npy": rel / "positive.npy",
     }
@@ -182,6 +184,7 @@ def _write_item(out: Path, record: Mapping[str, Any], result: CycleResult, setti
     write_png_atomic(out / files["counterfactual"], result.counterfactual)
     write_png_atomic(out / files["difference"], show_map_on_image(result.query, normalize_map(result.positive)))
     write_png_atomic(out / files["frame"], draw_frame(result.query, result.frame))
+    write_png_atomic(out / files["frame_mask"], np.uint8(result.frame.mask) * 255)
     write_npy_atomic(out / files["signed_npy"], result.difference)
     write_npy_atomic(out / files["positive_npy"], result.positive)
     for name, array in result.extras.items():
