@@ -50,6 +50,7 @@ def _folder_info(path: Path) -> dict:
     metadata = json.loads((path / METADATA_FILE).read_text())
     return {"folder_bytes": sum(p.stat().st_size for p in files), "train_seconds": metadata.get("train_seconds"),
             "data_seconds": metadata.get("data_seconds"), "steps": metadata.get("steps"),
+            "process_cpu_seconds": metadata.get("process_cpu_seconds"),
             "torch_threads": metadata.get("torch_threads"), "n_parameters": metadata.get("n_parameters"),
             "n_train": metadata["config"]["n_train"], "epochs": metadata["config"]["epochs"]}
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=500, help="held-out phantoms per evaluation")
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see DemoGeneratorConfig.threads)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

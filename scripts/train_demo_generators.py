@@ -1,6 +1,6 @@
 """Regenerate the two demo report generators (`clean`, `shortcut`) on phantoms.
 
-    python scripts/train_demo_generators.py [--out DIR] [--names clean shortcut] [--threads 2]
+    python scripts/train_demo_generators.py [--out DIR] [--names clean shortcut] [--threads 1]
 
 Without --out they go to the cache `$CYCLEX_HOME/demo/generators/NAME` (default ~/.cache/cyclex),
 where `load_generator("demo:clean")` finds them. Same seed, same library versions and thread

@@ -1,4 +1,5 @@
-"""A 2-process CPU run through `accelerate launch -m cyclex.tailored_training` (gloo) trains and saves."""
+"""A 2-process CPU run through `accelerate launch --multi_gpu --num_processes 2 -m cyclex.tailored_training`
+(no visible CUDA -> gloo, MULTI_CPU) trains and saves."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ def test_two_process_cpu_run_trains_and_saves(tmp_path):
     manifest = write_manifest(tmp_path / "data", n=10)
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-        "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        # `--cpu` alone starts one process unless mpirun is set up; `--multi_gpu` on a machine without
+        # (visible) CUDA starts 2 torch.distributed processes that join a gloo group on the CPU.
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         "-m", "cyclex.tailored_training", "--manifest", str(manifest), "--base", str(base), "--out", str(out),
         "--max-steps", "2", "--checkpointing-steps", "1", "--resolution", "32", "--train-batch-size", "2",
         "--report-to", "none", "--lr-warmup-steps", "0", "--no-select",

@@ -36,7 +36,7 @@ DEFAULT_GENERATION_KWARGS: dict[str, Any] = {"max_new_tokens": 96, "num_beams": 
 def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 1, H, W) float in [0, 1] -> B RGB PIL images (gray replicated to 3 channels, 8 bit)."""
     gray = (images[:, 0].clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
-    return [Image.fromarray(plane, mode="L").convert("RGB") for plane in gray]
+    return [Image.fromarray(plane).convert("RGB") for plane in gray]
 
 
 def _default_device() -> torch.device:

@@ -185,10 +185,10 @@ class DemoTailoredConfig:
 
     n_images: int = 320
     n_heldout: int = 16
-    max_train_steps: int = 600
+    max_train_steps: int = 300
     train_batch_size: int = 16
     learning_rate: float = 1e-3  # a from-scratch tiny UNet learns faster than the paper's fine-tuning rate
-    checkpointing_steps: int = 200
+    checkpointing_steps: int = 150
     validation_images: int = 16
     num_inversion_steps: int = 50
     seed: int = 0

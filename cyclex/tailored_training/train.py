@@ -275,7 +275,9 @@ def train_tailored(
 
     # 1. Accelerator: processes, mixed precision, gradient accumulation, tracker.
     report_to = None if cfg.report_to in (None, "", "none") else cfg.report_to
+    # cpu=True on a machine without CUDA: several processes there form a gloo (MULTI_CPU) group.
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.resolved_mixed_precision(),
         log_with=report_to,
