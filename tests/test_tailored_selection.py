@@ -80,7 +80,7 @@ def test_selection_picks_the_known_best_checkpoint(tmp_path):
 
     # The known value: PSNR of the VAE round trip of the validation images (computed independently).
     pipe = load_tailored_pipeline(out)  # best_psnr -> the folder's unet/, now checkpoint 2's zero output layer
-    assert float(pipe.unet.conv_out.weight.abs().max()) == 0.0
+    assert float(pipe.unet.conv_out.weight.detach().abs().max()) == 0.0
     psnrs = []
     for image_id in split["validation"]:
         image = load_gray_image(rows[image_id]["image"], 32)
@@ -92,9 +92,9 @@ def test_selection_picks_the_known_best_checkpoint(tmp_path):
     assert metrics["checkpoints/checkpoint-000002"]["psnr"] == pytest.approx(float(np.mean(psnrs)), abs=1e-3)
 
     # The other selectors load their checkpoint by name.
-    assert float(load_tailored_pipeline(out, "best_l2").unet.conv_out.weight.abs().max()) == 0.0
+    assert float(load_tailored_pipeline(out, "best_l2").unet.conv_out.weight.detach().abs().max()) == 0.0
     final = load_tailored_pipeline(out, "final")
-    assert float(final.unet.conv_out.weight.abs().max()) > 0.0
+    assert float(final.unet.conv_out.weight.detach().abs().max()) > 0.0
     with pytest.raises(FileNotFoundError, match="valid names"):
         load_tailored_pipeline(out, "checkpoints/checkpoint-000099")
     assert dataclasses.asdict(cfg)["num_inversion_steps"] == selection["num_inversion_steps"]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from cyclex.demo.tiny_sd import TinySDConfig
+from cyclex.tailored_training.config import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -221,16 +222,18 @@ def build_demo_tailored(name: str, out: str | Path | None = None, config: DemoTa
     try:
         started = time.perf_counter()
         base = build_demo_base_sd()
-        work = out.parent / f".{out.name}.work"
-        shutil.rmtree(work, ignore_errors=True)
+        # Built in place (the manifest and split keep valid paths); demo_build.json, written last,
+        # marks a finished build, so an interrupted one is redone.
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
         # 1. The generator's world: training phantoms and held-out ones (another seed).
         world = DemoGeneratorConfig(name=name)
-        phantom_dir = write_phantom_folder(make_training_phantoms(world, cfg.n_images, cfg.seed + 17), work / "phantoms")
+        phantom_dir = write_phantom_folder(make_training_phantoms(world, cfg.n_images, cfg.seed + 17), out / "phantoms")
         heldout = make_training_phantoms(world, cfg.n_heldout, cfg.seed + 4242)
         # 2. The tailored data set from the generator's own reports.
         spec = f"demo:{name}"
         generator = load_generator(spec)
-        manifest = build_tailored_dataset(generator, read_image_source(phantom_dir), RuleLabeler(), work / "dataset",
+        manifest = build_tailored_dataset(generator, read_image_source(phantom_dir), RuleLabeler(), out / "dataset",
                                           batch_size=64, show_progress=False)
         data_seconds = time.perf_counter() - started
         # 3. Train, then select a checkpoint by DDIM reconstruction.
@@ -241,24 +244,17 @@ def build_demo_tailored(name: str, out: str | Path | None = None, config: DemoTa
             validation_images=cfg.validation_images, validation_fraction=0.1, resume_from_checkpoint=None,
             num_inversion_steps=cfg.num_inversion_steps, seed=cfg.seed, selection_batch_size=16,
         )
-        model_dir = work / "model"
-        result = train_tailored(manifest, base, model_dir, train_config, generator_spec=spec)
+        result = train_tailored(manifest, base, out, train_config, generator_spec=spec)
         train_seconds = time.perf_counter() - started - data_seconds
-        select_checkpoints(model_dir)
+        select_checkpoints(out)
         # 4. Held-out reconstruction PSNR with each phantom's generated-report prompt.
-        psnr = heldout_reconstruction_psnr(model_dir, generator, heldout, cfg.num_inversion_steps)
+        psnr = heldout_reconstruction_psnr(out, generator, heldout, cfg.num_inversion_steps)
         build = {"generator": spec, "n_images": cfg.n_images, "steps": result.global_step,
                  "images_per_s": round(result.images_per_s, 2), "heldout_psnr_db": round(psnr, 2),
                  "n_heldout": cfg.n_heldout, "data_seconds": round(data_seconds, 1),
                  "train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1),
                  "config": asdict(cfg)}
-        (model_dir / DEMO_BUILD_FILE).write_text(json.dumps(build, indent=2))
-        shutil.copytree(work / "dataset", model_dir / "dataset")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(model_dir, out)
-        shutil.rmtree(work, ignore_errors=True)
+        write_json_atomic(out / DEMO_BUILD_FILE, build)
         logger.info("demo tailored SD %s -> %s (held-out PSNR %.2f dB, %.0f s)", name, out, psnr, build["total_seconds"])
         return out
     finally:
