@@ -211,6 +211,10 @@ def load_phantom_classifier(path: str | os.PathLike | None = None, train_if_miss
                             device: str | torch.device | None = None) -> PhantomClassifier:
     """Load the cached demo classifier (training it first when missing and allowed)."""
     directory = Path(path) if path is not None else phantom_classifier_dir()
+    if path is None:
+        from cyclex.demo.packaged import install_packaged_assets
+
+        install_packaged_assets()
     if not (directory / "model.safetensors").is_file():
         if not train_if_missing:
             raise FileNotFoundError(f"no phantom classifier at {directory}; run `python scripts/train_phantom_classifier.py`")

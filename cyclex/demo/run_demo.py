@@ -43,7 +43,9 @@ def demo_assets(names: Sequence[str] = ("clean", "shortcut")) -> dict[str, dict[
     """Paths of each demo generator and its tailored SD, building whatever is missing (cached)."""
     from cyclex.demo.base_sd import build_demo_tailored
     from cyclex.demo.generators import demo_generator_path
+    from cyclex.demo.packaged import install_packaged_assets
 
+    install_packaged_assets()  # shipped weights first: building them takes minutes
     return {name: {"generator": demo_generator_path(name), "tailored": build_demo_tailored(name)} for name in names}
 
 

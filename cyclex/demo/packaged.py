@@ -1,0 +1,119 @@
+"""The demo's tiny weights shipped inside the package, so `make demo` needs no training.
+
+`scripts/package_demo_weights.py` copies the cached demo models (built by
+`scripts/train_demo_generators.py`, `scripts/train_phantom_classifier.py`, `scripts/build_demo_sd.py`)
+into `cyclex/demo/weights/`, keeping only what inference needs and storing tensors as float16 to stay
+small. At first use `install_packaged_assets()` copies them back into `$CYCLEX_HOME/demo` as float32;
+whatever is already cached is left alone, and anything not shipped is built by its own builder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PACKAGED_DIR = Path(__file__).parent / "weights"
+# asset folder (relative to $CYCLEX_HOME/demo) -> the file that proves the cached copy is complete
+ASSETS: dict[str, str] = {
+    "generators/clean": "cyclex_demo.json",
+    "generators/shortcut": "cyclex_demo.json",
+    "tailored/clean": "selection.json",
+    "tailored/shortcut": "selection.json",
+    "classifier": "config.json",
+}
+# Training-only content that inference never reads.
+_SKIP_DIRS = {"dataset", "phantoms", "logs", "unet_train"}
+_SKIP_FILES = {"optimizer.bin", "scheduler.bin"}
+
+
+def demo_cache_dir() -> Path:
+    return Path(os.environ.get("CYCLEX_HOME") or Path.home() / ".cache" / "cyclex").expanduser() / "demo"
+
+
+def _referenced_checkpoints(folder: Path) -> set[str]:
+    selection = folder / "selection.json"
+    if not selection.is_file():
+        return set()
+    data = json.loads(selection.read_text())
+    return {v for k, v in data.items() if k != "metrics" and isinstance(v, str)}
+
+
+def _wanted_files(folder: Path) -> Iterable[Path]:
+    keep_checkpoints = _referenced_checkpoints(folder)
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if not path.is_file() or path.name in _SKIP_FILES or path.name.startswith("random_states"):
+            continue
+        if any(part in _SKIP_DIRS for part in rel.parts):
+            continue
+        if rel.parts[0] == "checkpoints" and str(Path(*rel.parts[:2])) not in keep_checkpoints:
+            continue
+        yield rel
+
+
+def _copy_tensors(src: Path, dst: Path, dtype) -> None:
+    """Copy a safetensors file, casting floating tensors to `dtype` (metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(dst), metadata=metadata)
+
+
+def _copy_folder(src: Path, dst: Path, dtype) -> None:
+    for rel in _wanted_files(src):
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if rel.suffix == ".safetensors":
+            _copy_tensors(src / rel, target, dtype)
+        else:
+            shutil.copy2(src / rel, target)
+
+
+def package_assets(cache: Path | None = None, out: Path = PACKAGED_DIR) -> dict[str, int]:
+    """Write the cached demo models into `out` as float16; returns bytes per asset."""
+    import torch
+
+    cache = cache or demo_cache_dir()
+    sizes = {}
+    for name, marker in ASSETS.items():
+        src = cache / name
+        if not (src / marker).is_file():
+            raise FileNotFoundError(f"demo asset {name} is not built at {src} ({marker} missing); build it first")
+        dst = out / name
+        if dst.exists():
+            shutil.rmtree(dst)
+        _copy_folder(src, dst, torch.float16)
+        sizes[name] = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
+    return sizes
+
+
+def install_packaged_assets(cache: Path | None = None, packaged: Path = PACKAGED_DIR) -> list[str]:
+    """Copy shipped demo models that are missing from the cache into it (float32); returns their names."""
+    import torch
+
+    cache = cache or demo_cache_dir()
+    installed = []
+    for name, marker in ASSETS.items():
+        src, dst = packaged / name, cache / name
+        if (dst / marker).is_file() or not (src / marker).is_file():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+        _copy_folder(src, staging, torch.float32)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(staging, dst)  # atomic: a crash never leaves a half-copied asset behind
+        installed.append(name)
+        logger.info("installed shipped demo model %s into %s", name, dst)
+    return installed
