@@ -15,15 +15,6 @@ from cyclex.demo.tiny_sd import tiny_sd_pipeline
 from cyclex.findings import StructuredPrompt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # the tiny models gain nothing from threads; on a shared 2-core machine spinning threads cost 5x
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_sd_pipeline()

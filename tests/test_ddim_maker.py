@@ -9,16 +9,6 @@ from cyclex.counterfactuals import available_makers, create_maker, register_make
 from cyclex.counterfactuals.ddim import DDIMCounterfactualMaker
 from cyclex.demo.tiny_sd import tiny_sd_pipeline
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # the tiny models gain nothing from threads; on a shared 2-core machine spinning threads cost 5x
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 STEPS = 6
 SOURCE = "The lung with abnormalities Cardiomegaly, Edema"
 

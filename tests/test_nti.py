@@ -19,14 +19,6 @@ SOURCE = ["The lung with abnormalities Cardiomegaly, Pleural Effusion", "The lun
 TARGET = ["The lung with abnormalities Pleural Effusion", "The lung with no abnormalities"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, torch's spinning threads cost 10x wall time."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def pipe():

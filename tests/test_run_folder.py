@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from cycle_fakes import HEART, KeywordLabeler, PaintingMaker, brightness_generator, query
 from PIL import Image
 from typer.testing import CliRunner
@@ -14,16 +13,6 @@ from typer.testing import CliRunner
 from cyclex.cli import app
 from cyclex.cycle import CyclicExplainer
 from cyclex.cycle import run_folder as rf
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # the tiny models gain nothing from threads; on a shared 2-core machine spinning threads cost 5x
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # image id -> (heart, effusion, edema); "n" has no finding, "e" an ineffective removal
 QUERIES = {"a": (0.9, 0.9, 0.1), "b": (0.9, 0.1, 0.1), "n": (0.1, 0.1, 0.1), "c": (0.9, 0.9, 0.9),

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cyclex.demo.cache import cyclex_home
 from cyclex.findings import ABNORMALITIES
 
 logger = logging.getLogger(__name__)
@@ -71,10 +72,6 @@ class DemoGeneratorConfig:
     shortcut_rate_with_finding: float = 0.9
     shortcut_mild_cardiomegaly: bool = True
     phantom_overrides: dict[str, Any] = field(default_factory=dict)
-
-
-def cyclex_home() -> Path:
-    return Path(os.environ.get("CYCLEX_HOME") or Path.home() / ".cache" / "cyclex").expanduser()
 
 
 # ---------------------------------------------------------------------- parts

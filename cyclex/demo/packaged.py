@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from cyclex.demo.cache import demo_cache_dir
+
 logger = logging.getLogger(__name__)
 
 PACKAGED_DIR = Path(__file__).parent / "weights"
@@ -31,10 +33,6 @@ ASSETS: dict[str, str] = {
 # Training-only content that inference never reads.
 _SKIP_DIRS = {"dataset", "phantoms", "logs", "unet_train"}
 _SKIP_FILES = {"optimizer.bin", "scheduler.bin"}
-
-
-def demo_cache_dir() -> Path:
-    return Path(os.environ.get("CYCLEX_HOME") or Path.home() / ".cache" / "cyclex").expanduser() / "demo"
 
 
 def _referenced_checkpoints(folder: Path) -> set[str]:

@@ -75,8 +75,9 @@ class PhantomClassifierNet(nn.Module):
 
 def phantom_classifier_dir() -> Path:
     """$CYCLEX_HOME/demo/classifier (CYCLEX_HOME defaults to ~/.cache/cyclex)."""
-    home = Path(os.environ.get("CYCLEX_HOME", Path.home() / ".cache" / "cyclex")).expanduser()
-    return home / "demo" / "classifier"
+    from cyclex.demo.cache import demo_cache_dir
+
+    return demo_cache_dir() / "classifier"
 
 
 class PhantomClassifier:
