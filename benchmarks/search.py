@@ -14,7 +14,7 @@ UNet evaluations are counted per batch item (`LatentDiffusion.unet_calls`; NTI's
 count one evaluation each, their backward passes are not counted).
 
 The demo world (default) needs the assets other parts of cyclex build under $CYCLEX_HOME/demo:
-the tailored SD folder (`tailored/` with selection.json: best_l2, best_l1; or --tailored PATH), the
+the clean generator's tailored SD (`tailored/clean/` with selection.json: best_l2, best_l1; or --tailored PATH), the
 demo generator "clean" and the phantom classifier (stand-in encoder, classifier and LPIPS
 backbone). CF thresholds are calibrated once (`cyclex.counterfactuals.search` module doc) and
 stored as $CYCLEX_HOME/demo/cf_thresholds.json. `--tiny` runs the same code on tiny random
@@ -188,13 +188,14 @@ def generator_cycle_check(generator, labeler, uncertain_as_present: bool = True)
 
 def demo_world(n_findings: int, tailored: Path | None) -> World:
     from cyclex.adapters import load_generator
-    from cyclex.demo.generators import cyclex_home, demo_generator_path
+    from cyclex.demo.cache import demo_cache_dir
+    from cyclex.demo.generators import demo_generator_path
     from cyclex.demo.phantom_classifier import load_phantom_classifier
     from cyclex.labelers import RuleLabeler
     from cyclex.tailored_training import load_tailored_pipeline, read_tailored_metadata
 
-    demo = cyclex_home() / "demo"
-    tailored = tailored or demo / "tailored"
+    demo = demo_cache_dir()
+    tailored = tailored or demo / "tailored" / "clean"
     if not (tailored / "selection.json").is_file():
         raise FileNotFoundError(f"no tailored SD at {tailored} (selection.json missing); pass --tailored PATH or --tiny")
     classifier = load_phantom_classifier(train_if_missing=False)
