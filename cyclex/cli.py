@@ -346,3 +346,42 @@ def demo_command(
     console.print(table)
     console.print(f"results: {out.resolve()} (comparison.json; per generator results.jsonl, summary.json, items/)")
     console.print(f"took {comparison['seconds']:.0f} s")
+
+
+@app.command("report")
+def report_command(
+    runs: list[Path] = typer.Argument(..., help="run folder(s) written by `cyclex explain` / `cyclex demo`"),
+    out: Path = typer.Option(None, "--out", help="HTML file to write (default: RUN/index.html for one run; "
+                             "comparison.html in the runs' common folder for several)"),
+    highlight: bool = typer.Option(True, "--highlight/--no-highlight",
+                                   help="mark the findings' mentions in the reports (rule labeler)"),
+) -> None:
+    """Write an HTML report of a run folder, or a side-by-side comparison page of several runs."""
+    import logging
+
+    from rich.console import Console
+    from rich.markup import escape
+
+    from cyclex.cycle.report_html import (
+        RunReportError,
+        default_comparison_path,
+        run_names,
+        write_comparison_report,
+        write_run_report,
+    )
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console = Console()
+    mentions = "rules" if highlight else None
+    try:
+        if len(runs) == 1:
+            page = write_run_report(runs[0], out, mentions=mentions)
+        else:
+            named = run_names(runs)
+            for run in runs:  # each run's own page, linked from the comparison
+                console.print(f"run report: {escape(str(write_run_report(run, mentions=mentions)))}")
+            page = write_comparison_report(named, out or default_comparison_path(runs), mentions=mentions)
+    except (RunReportError, ValueError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(code=1) from None
+    console.print(f"report: {escape(str(page))} (open it in a browser: file://{escape(str(page.resolve()))})")

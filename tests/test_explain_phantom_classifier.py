@@ -49,6 +49,7 @@ def test_protocols_and_other_image_sizes(trained):
 
 def test_missing_folder_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CYCLEX_HOME", str(tmp_path))
+    monkeypatch.setattr("cyclex.demo.packaged.PACKAGED_DIR", tmp_path / "nothing_shipped")
     assert phantom_classifier_dir() == tmp_path / "demo" / "classifier"
     with pytest.raises(FileNotFoundError, match="train_phantom_classifier"):
         load_phantom_classifier(train_if_missing=False)

@@ -96,11 +96,12 @@ def package_assets(cache: Path | None = None, out: Path = PACKAGED_DIR) -> dict[
     return sizes
 
 
-def install_packaged_assets(cache: Path | None = None, packaged: Path = PACKAGED_DIR) -> list[str]:
+def install_packaged_assets(cache: Path | None = None, packaged: Path | None = None) -> list[str]:
     """Copy shipped demo models that are missing from the cache into it (float32); returns their names."""
     import torch
 
     cache = cache or demo_cache_dir()
+    packaged = packaged or PACKAGED_DIR
     installed = []
     for name, marker in ASSETS.items():
         src, dst = packaged / name, cache / name
