@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from sklearn.metrics import f1_score, precision_score, recall_score
 
 from cyclex.adapters import load_generator
+from cyclex.atomic_io import write_json_atomic
 from cyclex.datasets.phantom import PhantomConfig, ShortcutConfig, make_phantom, make_phantoms, phantom_seed
 from cyclex.demo.generators import METADATA_FILE, demo_generator_path
 from cyclex.findings import ABNORMALITIES
@@ -93,13 +92,6 @@ def evaluate_shortcut(n: int, seed: int, labeler: RuleLabeler) -> dict:
     return {"shortcut_marker_cardiomegaly_rate": rates[True], "shortcut_nomarker_cardiomegaly_rate": rates[False],
             "shortcut_cardiomegaly_without_marker_recall": cardio_rate}
 
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(payload, stream, indent=2)
-    os.replace(temporary, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -41,8 +41,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -53,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cyclex.atomic_io import write_text_atomic
 from cyclex.counterfactuals.inversion_cache import InversionCache
 from cyclex.explain.scores import CFThresholds
 
@@ -350,18 +349,6 @@ class MetricGuidedSearch:
             raise ValueError("search_many needs one source prompt, target prompt and finding per image")
         return [self.search(images[i], source_prompts[i], target_prompts[i], findings[i]) for i in range(images.shape[0])]
 
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def evaluate_setting(

@@ -340,9 +340,7 @@ def _render(template: str, **context: Any) -> str:
 
 
 def _write_page(out: Path, html: str) -> None:
-    """Atomic write; readable by others (mkstemp makes 0600 files) so the page can be shared or served."""
     write_text_atomic(out, html)
-    os.chmod(out, 0o644)
 
 
 def _generated() -> str:

@@ -26,17 +26,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cyclex.atomic_io import (
+    write_bytes_atomic,
+    write_json_atomic,
+    write_npy_atomic,
+    write_png_atomic,
+    write_text_atomic,
+)
 from cyclex.cycle.explainer import CycleResult, CyclicExplainer, cyclic_rate
 from cyclex.explain.frames import draw_frame, normalize_map, show_map_on_image
 from cyclex.findings import ABNORMALITIES, canonical_finding, finding_slug
@@ -52,41 +57,6 @@ _NON_RESULT_SETTINGS = ("batch_size", "images")
 
 class RunFolderError(RuntimeError):
     """The output folder holds a run made with different settings (or is not a run folder)."""
-
-
-# -- atomic writers --------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: Path, data: Any) -> Path:
-    return _atomic_write(path, lambda h: h.write(json.dumps(data, indent=2, sort_keys=True) + "\n"), "w")
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    return _atomic_write(path, lambda h: h.write(text), "w")
-
-
-def write_png_atomic(path: Path, array: np.ndarray) -> Path:
-    """uint8 (H, W) or (H, W, 3), or float (H, W) in [0, 1], as a PNG."""
-    from PIL import Image
-
-    if array.dtype != np.uint8:
-        array = np.uint8(np.clip(np.asarray(array, np.float32), 0, 1) * 255 + 0.5)
-    return _atomic_write(path, lambda h: Image.fromarray(array).save(h, format="PNG"))
-
-
-def write_npy_atomic(path: Path, array: np.ndarray) -> Path:
-    return _atomic_write(path, lambda h: np.save(h, np.asarray(array, np.float32)))
 
 
 def safe_name(text: str) -> str:
@@ -209,7 +179,7 @@ def _write_item(out: Path, record: Mapping[str, Any], result: CycleResult, setti
         if not mask_path.is_file():
             raise FileNotFoundError(f"record {result.image_id!r}: mask for {result.finding} at {mask_path} does not exist")
         target = rel / "mask.png"
-        _atomic_write(out / target, lambda h: h.write(mask_path.read_bytes()))
+        write_bytes_atomic(out / target, mask_path.read_bytes())
         line["mask_png"] = str(target)
     for key in ("shortcut", "shortcut_box"):
         if key in record:
@@ -218,7 +188,7 @@ def _write_item(out: Path, record: Mapping[str, Any], result: CycleResult, setti
         marker = Path(record["shortcut_mask"])
         if not marker.is_file():
             raise FileNotFoundError(f"record {result.image_id!r}: shortcut mask {marker} does not exist")
-        _atomic_write(out / rel / "shortcut_mask.png", lambda h: h.write(marker.read_bytes()))
+        write_bytes_atomic(out / rel / "shortcut_mask.png", marker.read_bytes())
         line["shortcut_mask_png"] = str(rel / "shortcut_mask.png")
     line = _jsonable(line)
     write_json_atomic(out / "records" / image_dir / f"{finding_slug(result.finding)}.json", line)

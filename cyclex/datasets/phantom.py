@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from cyclex.atomic_io import write_bytes_atomic as _atomic_write_bytes
 from cyclex.datasets.phantom_anatomy import build_anatomy
 from cyclex.datasets.phantom_findings import DEVICES, DRAWABLE, FINDING_DRAWERS, SEVERITIES, SIDED
 from cyclex.datasets.phantom_reports import HEDGEABLE, REPORT_STYLES, phantom_report
@@ -331,18 +331,6 @@ def make_phantoms(n: int, seed: int, config: PhantomConfig | None = None) -> lis
 
 
 # --- folders -----------------------------------------------------------------------------------------
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _png_bytes(array: np.ndarray) -> bytes:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cyclex.atomic_io import write_text_atomic as _atomic_write_text
 from cyclex.explain.faithfulness import as_image_batch
 from cyclex.findings import ABNORMALITIES
 
@@ -143,13 +144,6 @@ class PhantomClassifier:
         net.load_state_dict(load_file(weights_file), strict=True)
         return cls(net, config, device)
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _phantom_arrays(n: int, seed: int, class_names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cyclex.atomic_io import write_text_atomic as _atomic_write
 from cyclex.explain import alignment, figures
 from cyclex.explain.annotations import AnnotationSet, load_annotation_set, read_mask_png
 from cyclex.explain.effectiveness import Classifier, counterfactual_probability_gain
@@ -77,17 +77,6 @@ class EvaluationConfig:
     thresholds: CFThresholds = field(default_factory=CFThresholds)
     draw_figures: bool = True
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_results(run_dir: str | os.PathLike) -> list[dict]:

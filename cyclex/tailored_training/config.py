@@ -9,10 +9,10 @@ produced (`training_config.json`), as nanoGPT saves its config in every checkpoi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from cyclex.atomic_io import write_json_atomic as _write_json_atomic
 
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 PROMPT_SOURCES = ("generated", "ground-truth")
@@ -116,16 +116,5 @@ class TailoredTrainingConfig:
 
 
 def write_json_atomic(path: str | Path, data: object) -> Path:
-    """Write JSON to a temporary file in the same folder, then `os.replace` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """JSON in the order the data has (configs read top to bottom), written atomically."""
+    return _write_json_atomic(path, data, sort_keys=False)

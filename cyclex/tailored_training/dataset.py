@@ -21,7 +21,6 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from cyclex.adapters.base import ReportGenerator, check_image_batch, check_reports
+from cyclex.atomic_io import write_jsonl_atomic
 from cyclex.findings import ABNORMALITIES, FINDINGS, FindingLabels, LabelState, StructuredPrompt
 from cyclex.tailored_training.config import PROMPT_SOURCES, write_json_atomic
 
@@ -190,19 +190,6 @@ def _append_jsonl(path: Path, rows: Sequence[dict]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
 
-
-def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------
