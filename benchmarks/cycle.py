@@ -57,12 +57,25 @@ def main(argv: list[str] | None = None) -> dict:
     from cyclex.adapters import load_generator
     from cyclex.cycle.run_folder import read_results, run_explain
     from cyclex.datasets.phantom import read_phantom_folder, write_phantom_folder
-    from cyclex.demo.run_demo import demo_assets, demo_query_phantoms, shortcut_marker_overlap
+    from cyclex.demo.run_demo import (
+        DEMO_FRAME_NORMALIZE,
+        DEMO_FRAME_THRESHOLD,
+        DEMO_GUIDANCE,
+        DEMO_STRENGTH,
+        demo_assets,
+        demo_query_phantoms,
+        shortcut_marker_overlap,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="held-out phantoms")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (inversion and sampling)")
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--guidance", type=float, default=DEMO_GUIDANCE, help="omega (the demo's default)")
+    parser.add_argument("--strength", type=float, default=DEMO_STRENGTH, help="denoising strength delta")
+    parser.add_argument("--frame-threshold", default=DEMO_FRAME_THRESHOLD,
+                        help="L on 0-255, or 'stable' (95 +- 10 chosen per item)")
+    parser.add_argument("--frame-normalize", action=argparse.BooleanOptionalAction, default=DEMO_FRAME_NORMALIZE,
+                        help="stretch |I - CF| to a maximum of 255 before thresholding")
     parser.add_argument("--skip-demo-timing", action="store_true")
     args = parser.parse_args(argv)
 
@@ -73,13 +86,16 @@ def main(argv: list[str] | None = None) -> dict:
     chest_boxes = {}
     for record in records:  # frames on the whole image; AUC restricted to the chest box below
         chest_boxes[record["id"]] = record.pop("chest_box", None)
-    result: dict = {"n_phantoms": args.n, "steps": args.steps, "guidance": args.guidance, "variant": "ddim",
+    frame_threshold = args.frame_threshold if args.frame_threshold == "stable" else float(args.frame_threshold)
+    result: dict = {"n_phantoms": args.n, "steps": args.steps, "guidance": args.guidance, "strength": args.strength,
+                    "frame_threshold": frame_threshold, "frame_normalize": args.frame_normalize, "variant": "ddim",
                     "generators": {}}
     for name in assets:
         started = time.perf_counter()
         run = WORK / name
         summary = run_explain(load_generator(f"demo:{name}"), assets[name]["tailored"], records, run,
-                              steps=args.steps, guidance=args.guidance, progress=False,
+                              steps=args.steps, guidance=args.guidance, strength=args.strength,
+                              frame_threshold=frame_threshold, frame_normalize=args.frame_normalize, progress=False,
                               generator_spec=f"demo:{name}", labeler_spec="rules")
         aucs = pixel_aucs(run, chest_boxes)
         all_aucs = [a for values in aucs.values() for a in values]

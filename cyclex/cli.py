@@ -160,7 +160,10 @@ def explain(
                   f"({summary['n_verified']}/{summary['n']} findings, {summary['n_images']} images)")
     for finding, entry in summary["per_finding"].items():
         console.print(f"  {finding}: {entry['cyclic_rate']:.3f} ({entry['n_verified']}/{entry['n']})")
-    console.print(f"results: {out}/results.jsonl, summary: {out}/summary.json")
+    from cyclex.cycle.report_html import write_run_report
+
+    page = write_run_report(out)
+    console.print(f"results: {out}/results.jsonl, summary: {out}/summary.json, report: {page}")
 
 
 @app.command("train-tailored")
