@@ -17,7 +17,8 @@ The demo world (default) needs the assets other parts of cyclex build under $CYC
 the clean generator's tailored SD (`tailored/clean/` with selection.json: best_l2, best_l1; or --tailored PATH), the
 demo generator "clean" and the phantom classifier (stand-in encoder, classifier and LPIPS
 backbone). CF thresholds are calibrated once (`cyclex.counterfactuals.search` module doc) and
-stored as $CYCLEX_HOME/demo/cf_thresholds.json. `--tiny` runs the same code on tiny random
+stored as $CYCLEX_HOME/demo/cf_thresholds.json (`cyclex.demo.cf_thresholds`, shared with
+`cyclex explain --variant nti --search`). `--tiny` runs the same code on tiny random
 components (logic check only: numbers from random weights mean nothing).
 """
 
@@ -41,12 +42,12 @@ from cyclex.counterfactuals.search import (
     SearchSummary,
     ablation_tables,
     algorithm1_search,
-    calibrate_thresholds,
-    load_thresholds,
-    save_thresholds,
     write_text_atomic,
 )
+from cyclex.counterfactuals.search_maker import generator_cycle_check
+from cyclex.demo.cf_thresholds import thresholds_for
 from cyclex.explain.scores import CFThresholds, CounterfactualScorer
+from cyclex.explain.stand_in_lpips import StandInLPIPS
 from cyclex.findings import StructuredPrompt
 
 logger = logging.getLogger("benchmarks.search")
@@ -55,46 +56,6 @@ RESULTS = Path(__file__).parent / "results" / "search.json"
 CHECKPOINTS = ("best_l2", "best_l1")
 DEFAULT_STEPS = 10
 DEFAULT_GUIDANCE = 7.5
-CALIBRATION_SEED = 7_000
-CALIBRATION_PAIRS = 64
-COVERAGE = 0.9
-
-
-class StandInLPIPS:
-    """LPIPS's formula (Zhang et al. eq. 1, unit linear weights) on a stand-in CNN's conv features.
-
-    d(a, b) = sum_l mean_hw || f_l(a)/|f_l(a)| - f_l(b)/|f_l(b)| ||^2 over the net's conv layers
-    (channel-normalised activations): the "baseline" LPIPS, used where no ImageNet backbone exists.
-    """
-
-    def __init__(self, net: torch.nn.Module, image_size: int = 64) -> None:
-        self.net = net.eval()
-        self.image_size = image_size
-        self.layers = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-        if not self.layers:
-            raise ValueError("StandInLPIPS needs a network with Conv2d layers")
-
-    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        captured: list[torch.Tensor] = []
-        hooks = [layer.register_forward_hook(lambda _m, _i, out: captured.append(out)) for layer in self.layers]
-        try:
-            x = images.float()
-            if x.shape[-1] != self.image_size:
-                x = torch.nn.functional.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
-            self.net(x.to(next(self.net.parameters()).device))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return captured
-
-    @torch.no_grad()
-    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(a.shape[0])
-        for fa, fb in zip(self._features(a), self._features(b), strict=True):
-            fa = fa / fa.norm(dim=1, keepdim=True).clamp_min(1e-10)
-            fb = fb / fb.norm(dim=1, keepdim=True).clamp_min(1e-10)
-            total += (fa - fb).pow(2).sum(1).mean((1, 2)).float().cpu()
-        return total
 
 
 @dataclass
@@ -134,56 +95,6 @@ def phantom_requests(n_findings: int, findings_of, seed: int = 0, template: str 
         for finding in present:
             requests.append(Request(image, prompt.text, prompt.remove(finding).text, finding, s))
     return requests[:n_findings]
-
-
-def calibration_values(scorer: CounterfactualScorer, n_pairs: int = CALIBRATION_PAIRS, seed: int = CALIBRATION_SEED):
-    """Raw metric values of true counterfactual pairs: a phantom and the same phantom without one finding."""
-    from cyclex.datasets.phantom import make_phantom, phantom_seed
-
-    values: dict[str, list[float]] = {}
-    seeds = []
-    i = 0
-    while len(seeds) < n_pairs and i < 50 * n_pairs:
-        s = phantom_seed(seed, i)
-        i += 1
-        phantom = make_phantom(s)
-        present = list(phantom.findings_meta)
-        if not present:
-            continue
-        finding = present[0]
-        kept = {k: dict(v) for k, v in phantom.findings_meta.items() if k != finding}
-        truth = make_phantom(s, findings={finding: dict(phantom.findings_meta[finding]), **kept})
-        removed = make_phantom(s, findings=kept)
-        factual = torch.from_numpy(truth.image).float()[None, None]
-        counterfactual = torch.from_numpy(removed.image).float()[None, None]
-        raw = scorer.raw_values(factual, counterfactual, finding)
-        for key, tensor in raw.items():
-            values.setdefault(key, []).append(float(tensor[0]))
-        seeds.append(s)
-    return values, seeds
-
-
-def thresholds_for(scorer: CounterfactualScorer, path: Path | None) -> CFThresholds:
-    """Read the stored calibration, or calibrate once and store it (module doc of search.py)."""
-    if path is not None and path.is_file():
-        return load_thresholds(path)
-    values, seeds = calibration_values(scorer)
-    thresholds = calibrate_thresholds(values, coverage=COVERAGE)
-    if path is not None:
-        save_thresholds(path, thresholds, {
-            "procedure": "cyclex.counterfactuals.search.calibrate_thresholds on true phantom counterfactual pairs",
-            "coverage": COVERAGE, "n_pairs": len(seeds), "seeds": seeds,
-        })
-    return thresholds
-
-
-def generator_cycle_check(generator, labeler, uncertain_as_present: bool = True):
-    """cycle_check(images, findings): the regenerated report no longer holds the finding."""
-    def check(images: torch.Tensor, findings) -> list[bool]:
-        labels = labeler.label(generator.generate(images))
-        return [f not in lab.present(uncertain_as_present) for lab, f in zip(labels, findings, strict=True)]
-
-    return check
 
 
 def demo_world(n_findings: int, tailored: Path | None) -> World:

@@ -128,6 +128,18 @@ def explain(
                                             help="mask maps to an Otsu chest box when the input gives none"),
     device: str = typer.Option(None, "--device", help="torch device for the tailored SD"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start over in a run folder made with other settings"),
+    search: bool = typer.Option(False, "--search/--no-search", help="metric-guided search over inference settings "
+                                "per finding (seed 000 Algorithm 1, made cheap); variants nti, negative-prompt, direct"),
+    required_score: int = typer.Option(5, "--required-score", help="search: CF_Score (0-5) a counterfactual needs"),
+    thresholds: str = typer.Option(None, "--thresholds", help="search: cf_thresholds.json (default: the demo's "
+                                   "calibration for demo generators, seed 000 Table 2 otherwise)"),
+    classifier: str = typer.Option("auto", "--classifier", help="search: 'auto', 'phantom[:DIR]', 'xrv:WEIGHTS[::PATH]'"),
+    encoder: str = typer.Option("auto", "--encoder", help="search: 'auto', 'classifier', 'clip:PATH_OR_ID', 'xrv:...'"),
+    lpips: str = typer.Option("auto", "--lpips", help="search: 'auto', 'stand-in', 'alex[:PATH]', 'vgg[:PATH]', 'none'"),
+    search_checkpoints: str = typer.Option("best_l2,best_l1", "--search-checkpoints", help="search: checkpoints"),
+    search_strengths: str = typer.Option("1.0,0.9,0.8", "--search-strengths", help="search: denoising strengths"),
+    search_guidances: str = typer.Option("7,8,9,10", "--search-guidances", help="search: guidance scales"),
+    null_settings: str = typer.Option("default,underfit", "--null-settings", help="search: NTI null settings"),
 ) -> None:
     """Remove each finding, make the counterfactual, regenerate, verify; write frames into a run folder."""
     import logging
@@ -146,13 +158,22 @@ def explain(
         except ValueError:
             raise ValueError(f"--frame-threshold must be a number on 0-255 or 'stable', got {frame_threshold!r}") from None
         names = [name.strip() for value in (findings or []) for name in value.split(",") if name.strip()]
+        search_kwargs, scorer = None, None
+        if search:
+            from cyclex.counterfactuals.search_maker import is_demo_generator, search_kwargs_from_text
+            from cyclex.explain.scorer_specs import search_scorer_from_specs
+
+            search_kwargs = search_kwargs_from_text(search_checkpoints, search_strengths, search_guidances,
+                                                    null_settings, required_score)
+            scorer = search_scorer_from_specs(classifier, encoder, lpips, thresholds, demo=is_demo_generator(generator))
         summary = run_explain(
             load_generator(generator), tailored, images, out, labeler_spec=labeler, variant=variant,
             checkpoint=checkpoint, steps=steps, guidance=guidance, strength=strength, findings=names or None,
             batch_size=batch_size, image_size=image_size, frame_threshold=threshold, frame_normalize=frame_normalize,
             estimate_chest_boxes=estimate_chest_box, overwrite=overwrite, device=device, generator_spec=generator,
+            search=search, search_kwargs=search_kwargs, scorer=scorer,
         )
-    except (FileNotFoundError, ValueError, KeyError, RunFolderError, UnknownFindingError) as error:
+    except (FileNotFoundError, ValueError, KeyError, TypeError, RunFolderError, UnknownFindingError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(code=1) from None
     rate = summary["cyclic_rate"]
@@ -164,6 +185,8 @@ def explain(
 
     page = write_run_report(out)
     console.print(f"results: {out}/results.jsonl, summary: {out}/summary.json, report: {page}")
+    if search:
+        console.print(f"search: {out}/search_attempts.jsonl (every attempt), {out}/search_ablation.json")
 
 
 @app.command("train-tailored")

@@ -200,28 +200,47 @@ class CyclicExplainer:
         self.frame_normalize = bool(frame_normalize)
         self.estimate_chest_boxes = bool(estimate_chest_boxes)
         self.seed = int(seed)
+        bind_cycle = getattr(maker, "bind_cycle", None)
+        if callable(bind_cycle):  # makers that verify candidates themselves (the search) use our cycle
+            bind_cycle(generator, labeler, self.uncertain_as_present)
 
     # -- construction from a tailored SD folder ---------------------------------------------------
     @classmethod
     def from_pretrained(
         cls, tailored_dir: str | Path, *, generator, labeler=None, variant: str = "ddim",
         checkpoint: str = "best_psnr", device=None, dtype=None, explainer_kwargs: Mapping[str, Any] | None = None,
+        search: bool = False, search_kwargs: Mapping[str, Any] | None = None, scorer=None,
         **maker_kwargs,
     ) -> CyclicExplainer:
         """Load the tailored SD (contract C4) and its metadata, build the `variant` maker.
 
         labeler None: the offline `RuleLabeler`. maker_kwargs go to the variant's factory
         (DDIM: num_inference_steps, guidance_scale, strength).
+        search: wrap `variant` makers (one per search checkpoint, default best_l2 and best_l1; `checkpoint`
+        is then unused) in a `SearchingMaker` (seed 000 Algorithm 1, made cheap). search_kwargs:
+        checkpoints, null_settings, strengths, guidances, required_score, order_by_paper_shares.
+        scorer: the search's `CounterfactualScorer`; None: `default_search_scorer(generator)` (phantom
+        stand-ins and calibrated thresholds for the demo generators, seed 000's choices otherwise).
         """
         from cyclex.counterfactuals import get_maker_factory
         from cyclex.tailored_training import load_tailored_pipeline, read_tailored_metadata
 
         metadata = read_tailored_metadata(tailored_dir)
-        pipe = load_tailored_pipeline(tailored_dir, checkpoint=checkpoint, device=device, dtype=dtype)
-        maker = get_maker_factory(variant)(pipe, **maker_kwargs)
-        if hasattr(maker, "checkpoint_id"):
-            # the pipeline's path names the folder, not which UNet was loaded: caches key on both
-            maker.checkpoint_id = f"{Path(tailored_dir).resolve()}::{checkpoint}"
+        if search:
+            from cyclex.counterfactuals.search_maker import SearchingMaker, default_search_scorer
+
+            maker = SearchingMaker.from_pretrained(
+                tailored_dir, scorer=scorer if scorer is not None else default_search_scorer(generator),
+                variant=variant, device=device, dtype=dtype, maker_kwargs=maker_kwargs, **dict(search_kwargs or {}),
+            )
+        else:
+            if search_kwargs or scorer is not None:
+                raise ValueError("search_kwargs / scorer are settings of the search; pass search=True")
+            pipe = load_tailored_pipeline(tailored_dir, checkpoint=checkpoint, device=device, dtype=dtype)
+            maker = get_maker_factory(variant)(pipe, **maker_kwargs)
+            if hasattr(maker, "checkpoint_id"):
+                # the pipeline's path names the folder, not which UNet was loaded: caches key on both
+                maker.checkpoint_id = f"{Path(tailored_dir).resolve()}::{checkpoint}"
         if labeler is None:
             from cyclex.labelers import RuleLabeler
 

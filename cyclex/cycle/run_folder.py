@@ -281,6 +281,10 @@ def run_explainer(
     })
     _check_config(out, config, overwrite)
     settings = {k: v for k, v in config.items() if k not in _NON_RESULT_SETTINGS}
+    # optional maker hooks (the search logs its attempts and ablation tables into the run folder)
+    start_run, finish_run = (getattr(explainer.maker, name, None) for name in ("start_run", "finish_run"))
+    if callable(start_run):
+        start_run(out)
     start = time.perf_counter()
     todo = []
     for record in records:
@@ -307,6 +311,8 @@ def run_explainer(
                                   {"id": str(record["id"]), "findings": sorted(done, key=ABNORMALITIES.index)})
             _write_results(out, records, config, time.perf_counter() - start)
             bar.advance(task, len(chunk))
+    if callable(finish_run):
+        finish_run(out)
     return _write_results(out, records, config, time.perf_counter() - start)
 
 
@@ -358,10 +364,15 @@ def run_explain(
     generator_spec: str | None = None,
     labeler_spec: str | None = None,
     maker_kwargs: Mapping[str, Any] | None = None,
+    search: bool = False,
+    search_kwargs: Mapping[str, Any] | None = None,
+    scorer=None,
 ) -> dict[str, Any]:
     """Load the tailored SD, explain `records` (or the folder / CSV they come from) into `out`.
 
     The one call behind `cyclex explain` and the demo. Returns the summary dict (also summary.json).
+    search / search_kwargs / scorer: the metric-guided search (`CyclicExplainer.from_pretrained`); its
+    attempts go to RUN/search_attempts.jsonl and its ablation tables to RUN/search_ablation.json.
     """
     if isinstance(records, (str, Path)):
         source = str(records)
@@ -374,13 +385,14 @@ def run_explain(
         tailored_dir, generator=generator, labeler=labeler, variant=variant, checkpoint=checkpoint, device=device,
         explainer_kwargs={"frame_threshold": frame_threshold, "frame_k": frame_k, "frame_normalize": frame_normalize,
                           "estimate_chest_boxes": estimate_chest_boxes},
+        search=search, search_kwargs=search_kwargs, scorer=scorer,
         num_inference_steps=steps, guidance_scale=guidance, strength=strength, **dict(maker_kwargs or {}),
     )
     run_settings = {
         "generator": generator_spec or getattr(getattr(generator, "info", None), "name", type(generator).__name__),
         "labeler": labeler_spec or type(explainer.labeler).__name__,
         "tailored": str(Path(tailored_dir).resolve()),
-        "checkpoint": checkpoint,
+        "checkpoint": None if search else checkpoint,
         "images_source": source,
     }
     return run_explainer(explainer, records, out, findings=findings, batch_size=batch_size, image_size=image_size,

@@ -1,0 +1,90 @@
+"""CF_Score thresholds of the phantom demo, calibrated once and stored beside the demo models.
+
+The procedure is documented in `cyclex.counterfactuals.search` (module doc): the stand-in scorer
+(phantom classifier as encoder and classifier, `StandInLPIPS` on its convolutions) scores true
+counterfactual pairs (a phantom and the same phantom rendered without one finding), and
+`calibrate_thresholds` keeps the quantiles admitting `COVERAGE` of them. The result is written to
+`$CYCLEX_HOME/demo/cf_thresholds.json` (with seeds, n and coverage) and read back by later runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from cyclex.counterfactuals.search import calibrate_thresholds, load_thresholds, save_thresholds
+from cyclex.explain.scores import CFThresholds, CounterfactualScorer
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_SEED = 7_000
+CALIBRATION_PAIRS = 64
+COVERAGE = 0.9
+THRESHOLDS_NAME = "cf_thresholds.json"
+
+
+def demo_thresholds_path() -> Path:
+    from cyclex.demo.cache import demo_cache_dir
+
+    return demo_cache_dir() / THRESHOLDS_NAME
+
+
+def calibration_values(scorer: CounterfactualScorer, n_pairs: int = CALIBRATION_PAIRS,
+                       seed: int = CALIBRATION_SEED) -> tuple[dict[str, list[float]], list[int]]:
+    """Raw metric values of true counterfactual pairs: a phantom and the same phantom without one finding."""
+    from cyclex.datasets.phantom import make_phantom, phantom_seed
+
+    values: dict[str, list[float]] = {}
+    seeds: list[int] = []
+    i = 0
+    while len(seeds) < n_pairs and i < 50 * n_pairs:
+        s = phantom_seed(seed, i)
+        i += 1
+        phantom = make_phantom(s)
+        present = list(phantom.findings_meta)
+        if not present:
+            continue
+        finding = present[0]
+        kept = {k: dict(v) for k, v in phantom.findings_meta.items() if k != finding}
+        truth = make_phantom(s, findings={finding: dict(phantom.findings_meta[finding]), **kept})
+        removed = make_phantom(s, findings=kept)
+        factual = torch.from_numpy(truth.image).float()[None, None]
+        counterfactual = torch.from_numpy(removed.image).float()[None, None]
+        for key, tensor in scorer.raw_values(factual, counterfactual, finding).items():
+            values.setdefault(key, []).append(float(tensor[0]))
+        seeds.append(s)
+    return values, seeds
+
+
+def thresholds_for(scorer: CounterfactualScorer, path: str | Path | None) -> CFThresholds:
+    """Read the stored calibration at `path`, or calibrate once with `scorer` and store it there."""
+    path = Path(path) if path is not None else None
+    if path is not None and path.is_file():
+        return load_thresholds(path)
+    values, seeds = calibration_values(scorer)
+    thresholds = calibrate_thresholds(values, coverage=COVERAGE)
+    if path is not None:
+        save_thresholds(path, thresholds, {
+            "procedure": "cyclex.counterfactuals.search.calibrate_thresholds on true phantom counterfactual pairs",
+            "coverage": COVERAGE, "n_pairs": len(seeds), "seeds": seeds,
+        })
+        logger.info("calibrated demo CF thresholds on %d phantom pairs -> %s", len(seeds), path)
+    return thresholds
+
+
+def demo_scorer(classifier=None, thresholds_path: str | Path | None = None) -> CounterfactualScorer:
+    """The phantom world's scorer: the phantom classifier as classifier and encoder, `StandInLPIPS` on
+    its convolutions, thresholds from `thresholds_path` (default the demo's cf_thresholds.json,
+    calibrated and stored when missing)."""
+    from cyclex.explain.stand_in_lpips import StandInLPIPS
+
+    if classifier is None:
+        from cyclex.demo.phantom_classifier import load_phantom_classifier
+
+        classifier = load_phantom_classifier()
+    scorer = CounterfactualScorer(classifier, classifier,
+                                  lpips=StandInLPIPS(classifier.net, classifier.config.image_size))
+    scorer.thresholds = thresholds_for(scorer, thresholds_path if thresholds_path is not None else demo_thresholds_path())
+    return scorer
