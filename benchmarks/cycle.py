@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     from cyclex.cycle.run_folder import read_results, run_explain
     from cyclex.datasets.phantom import read_phantom_folder, write_phantom_folder
     from cyclex.demo.run_demo import (
+        DEMO_CHECKPOINT,
         DEMO_FRAME_NORMALIZE,
         DEMO_FRAME_THRESHOLD,
         DEMO_GUIDANCE,
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="L on 0-255, or 'stable' (95 +- 10 chosen per item)")
     parser.add_argument("--frame-normalize", action=argparse.BooleanOptionalAction, default=DEMO_FRAME_NORMALIZE,
                         help="stretch |I - CF| to a maximum of 255 before thresholding")
+    parser.add_argument("--checkpoint", default=DEMO_CHECKPOINT, help="best_psnr | final | ... of the tailored SD")
     parser.add_argument("--skip-demo-timing", action="store_true")
     args = parser.parse_args(argv)
 
@@ -88,14 +90,16 @@ def main(argv: list[str] | None = None) -> dict:
         chest_boxes[record["id"]] = record.pop("chest_box", None)
     frame_threshold = args.frame_threshold if args.frame_threshold == "stable" else float(args.frame_threshold)
     result: dict = {"n_phantoms": args.n, "steps": args.steps, "guidance": args.guidance, "strength": args.strength,
-                    "frame_threshold": frame_threshold, "frame_normalize": args.frame_normalize, "variant": "ddim",
+                    "frame_threshold": frame_threshold, "frame_normalize": args.frame_normalize, "checkpoint": args.checkpoint,
+                    "variant": "ddim",
                     "generators": {}}
     for name in assets:
         started = time.perf_counter()
         run = WORK / name
         summary = run_explain(load_generator(f"demo:{name}"), assets[name]["tailored"], records, run,
                               steps=args.steps, guidance=args.guidance, strength=args.strength,
-                              frame_threshold=frame_threshold, frame_normalize=args.frame_normalize, progress=False,
+                              frame_threshold=frame_threshold, frame_normalize=args.frame_normalize, checkpoint=args.checkpoint,
+                              progress=False,
                               generator_spec=f"demo:{name}", labeler_spec="rules")
         aucs = pixel_aucs(run, chest_boxes)
         all_aucs = [a for values in aucs.values() for a in values]

@@ -10,10 +10,13 @@ which is all the UNet's cross-attention needs to learn the prompt -> image relat
 its random initialisation (tailored training fine-tunes it). Saved as a diffusers folder under
 `$CYCLEX_HOME/demo/base_sd` (default `~/.cache/cyclex`).
 
-`build_demo_tailored(name)` runs the demo generator over a few hundred phantoms of its own world,
-labels its reports with the rule labeler, trains the tailored SD on them, selects a checkpoint by
-DDIM reconstruction, and measures reconstruction PSNR on held-out phantoms; cached under
-`$CYCLEX_HOME/demo/tailored/NAME`.
+`build_demo_tailored(name)` runs the demo generator over a few thousand phantoms of the audit
+world (the distribution `cyclex demo` queries: the shortcut marker on half of the images,
+independent of the findings), labels its reports with the rule labeler, trains the tailored SD on
+them, selects a checkpoint by DDIM reconstruction, and measures reconstruction PSNR on held-out
+phantoms; cached under `$CYCLEX_HOME/demo/tailored/NAME`. Both tailored SDs thus see the same
+images and differ only in the generator's reports, as the paper trains the tailored SD on the data
+set being audited: the marker enters a prompt only where the generator says it means something.
 """
 
 from __future__ import annotations
@@ -182,18 +185,37 @@ def build_demo_base_sd(out: str | Path | None = None, config: DemoBaseSDConfig |
 
 @dataclass
 class DemoTailoredConfig:
-    """How the demo tailored SDs are built: a few hundred phantoms of the generator's world."""
+    """How the demo tailored SDs are built: a few thousand phantoms of the audit world.
 
-    n_images: int = 320
+    The UNet starts from random weights, so prompt conditioning needs far more than reconstruction
+    does: 300 steps on 320 images reconstruct at 31 dB (guidance 1) but sample the same image for
+    every prompt. 3000 steps x 16 on 2000 images take about 8-9 minutes per SD on one CPU thread.
+    """
+
+    n_images: int = 2000
     n_heldout: int = 16
-    max_train_steps: int = 300
+    max_train_steps: int = 3000
     train_batch_size: int = 16
     learning_rate: float = 1e-3  # a from-scratch tiny UNet learns faster than the paper's fine-tuning rate
-    checkpointing_steps: int = 150
+    checkpointing_steps: int = 1000
     validation_images: int = 16
     num_inversion_steps: int = 50
+    world: str = "audit"  # "audit": the demo's query distribution; "generator": the generator's training world
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # measured: two 1-thread builds side by side run ~94 images/s each on 2 cores
+
+
+def demo_world_phantoms(name: str, world: str, n: int, seed: int) -> list:
+    """n phantoms the tailored SD of demo generator `name` trains on (see DemoTailoredConfig.world)."""
+    from cyclex.demo.generators import DemoGeneratorConfig, make_training_phantoms
+
+    if world == "audit":
+        from cyclex.demo.run_demo import demo_query_phantoms
+
+        return demo_query_phantoms(n, seed=seed)
+    if world == "generator":
+        return make_training_phantoms(DemoGeneratorConfig(name=name), n, seed)
+    raise ValueError(f"DemoTailoredConfig.world must be 'audit' or 'generator', got {world!r}")
 
 
 def build_demo_tailored(name: str, out: str | Path | None = None, config: DemoTailoredConfig | None = None, *,
@@ -201,7 +223,7 @@ def build_demo_tailored(name: str, out: str | Path | None = None, config: DemoTa
     """Build (or return the cached) tailored SD of demo generator `name` ("clean" | "shortcut")."""
     from cyclex.adapters import load_generator
     from cyclex.datasets.phantom import write_phantom_folder
-    from cyclex.demo.generators import DEMO_GENERATOR_NAMES, DemoGeneratorConfig, make_training_phantoms
+    from cyclex.demo.generators import DEMO_GENERATOR_NAMES
     from cyclex.labelers import RuleLabeler
     from cyclex.tailored_training import (
         TailoredTrainingConfig,
@@ -227,9 +249,9 @@ def build_demo_tailored(name: str, out: str | Path | None = None, config: DemoTa
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         # 1. The generator's world: training phantoms and held-out ones (another seed).
-        world = DemoGeneratorConfig(name=name)
-        phantom_dir = write_phantom_folder(make_training_phantoms(world, cfg.n_images, cfg.seed + 17), out / "phantoms")
-        heldout = make_training_phantoms(world, cfg.n_heldout, cfg.seed + 4242)
+        phantom_dir = write_phantom_folder(demo_world_phantoms(name, cfg.world, cfg.n_images, cfg.seed + 17),
+                                           out / "phantoms")
+        heldout = demo_world_phantoms(name, cfg.world, cfg.n_heldout, cfg.seed + 4242)
         # 2. The tailored data set from the generator's own reports.
         spec = f"demo:{name}"
         generator = load_generator(spec)
