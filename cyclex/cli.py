@@ -358,7 +358,13 @@ def demo_command(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     console = Console()
     console.print("[bold]cyclex demo[/bold]: building or loading the demo models (cached after the first run)")
-    comparison = run_demo(out, n_images=n_images, steps=steps, overwrite=overwrite)
+    from cyclex.cycle.run_folder import RunFolderError
+
+    try:
+        comparison = run_demo(out, n_images=n_images, steps=steps, overwrite=overwrite)
+    except RunFolderError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=2) from None
     table = Table(title=f"Cycle on {comparison['n_images']} held-out phantoms")
     table.add_column("generator")
     table.add_column("findings removed", justify="right")
@@ -370,7 +376,8 @@ def demo_command(
         cyclic = "-" if entry["cyclic_rate"] is None else f"{entry['cyclic_rate']:.2f}"
         table.add_row(name, str(entry["n_findings"]), cyclic, rate)
     console.print(table)
-    console.print(f"results: {out.resolve()} (comparison.json; per generator results.jsonl, summary.json, items/)")
+    console.print(f"open {out.resolve() / 'comparison.html'} in a browser (side-by-side audit); "
+                  f"per generator: index.html, results.jsonl, summary.json, items/")
     console.print(f"took {comparison['seconds']:.0f} s")
 
 

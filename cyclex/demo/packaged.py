@@ -68,14 +68,38 @@ def _copy_tensors(src: Path, dst: Path, dtype) -> None:
     save_file(tensors, str(dst), metadata=metadata)
 
 
-def _copy_folder(src: Path, dst: Path, dtype) -> None:
+DUPLICATES_FILE = "packaged_duplicates.json"  # rel path -> rel path of an identical file shipped once
+
+
+def _copy_folder(src: Path, dst: Path, dtype, *, dedupe: bool = False) -> None:
+    """Copy the inference files of `src`; with `dedupe`, identical files are written once (a
+    tailored folder's unet/ is also its best-PSNR checkpoint) and listed in DUPLICATES_FILE."""
+    import hashlib
+
+    seen: dict[str, str] = {}
+    duplicates: dict[str, str] = {}
     for rel in _wanted_files(src):
+        if rel.name == DUPLICATES_FILE:
+            continue
+        digest = hashlib.sha256((src / rel).read_bytes()).hexdigest()
+        if dedupe and digest in seen:
+            duplicates[str(rel)] = seen[digest]
+            continue
+        seen[digest] = str(rel)
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if rel.suffix == ".safetensors":
             _copy_tensors(src / rel, target, dtype)
         else:
             shutil.copy2(src / rel, target)
+    listed = src / DUPLICATES_FILE
+    if listed.is_file():  # installing: recreate the files shipped once
+        duplicates.update(json.loads(listed.read_text()))
+        for rel, source in duplicates.items():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(dst / source, dst / rel)
+    elif duplicates:
+        (dst / DUPLICATES_FILE).write_text(json.dumps(duplicates, indent=2, sort_keys=True) + "\n")
 
 
 def package_assets(cache: Path | None = None, out: Path = PACKAGED_DIR) -> dict[str, int]:
@@ -91,7 +115,7 @@ def package_assets(cache: Path | None = None, out: Path = PACKAGED_DIR) -> dict[
         dst = out / name
         if dst.exists():
             shutil.rmtree(dst)
-        _copy_folder(src, dst, torch.float16)
+        _copy_folder(src, dst, torch.float16, dedupe=True)
         sizes[name] = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
     return sizes
 

@@ -126,6 +126,11 @@ def run_demo(out: str | Path = "runs/demo", *, n_images: int = 16, steps: int = 
             "cardiomegaly_frames_on_marker": shortcut_marker_overlap(out / name),
         }
     comparison["seconds"] = round(time.perf_counter() - started, 1)
+    from cyclex.cycle.report_html import write_comparison_report, write_run_report
+
+    for name in names:
+        write_run_report(out / name)
+    comparison["report"] = str(write_comparison_report({n: out / n for n in names}, out / "comparison.html"))
     write_json_atomic(out / "comparison.json", comparison)
     logger.info("demo finished in %.0f s: %s", comparison["seconds"], out)
     return comparison
