@@ -172,7 +172,7 @@ def run_arm(name: str, world: World, steps: int, grid: dict[str, tuple]) -> tupl
         makers = nti_makers(world, steps)
         arm_grid = grid if name == "algorithm1" else {
             "null_settings": ("default",), "checkpoints": (CHECKPOINTS[0],), "strengths": (1.0,),
-            "guidances": (DEFAULT_GUIDANCE,),
+            "guidances": (DEFAULT_GUIDANCE,), "required_score": grid["required_score"],
         }
         for r in world.requests:
             results.append(algorithm1_search(makers, world.scorer, world.cycle_check, r.image, r.source_prompt,
@@ -191,12 +191,13 @@ def run(world: World, steps: int, grid: dict[str, tuple]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "benchmark": "search",
         "steps": steps,
-        "note": "all arms use the same reduced DDIM steps and the same acceptance (CF_Score >= 5 and cycle verified)",
+        "note": (f"all arms use the same reduced DDIM steps and the same acceptance (CF_Score >= "
+                 f"{grid['required_score']} and cycle verified)"),
         "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
                     "device": "cpu", "torch": torch.__version__},
         "world": world.description,
         "thresholds": asdict(world.thresholds),
-        "grid": {k: list(v) for k, v in grid.items()},
+        "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()},
     }
     attempts = {}
     for name in ("single_pass", "algorithm1", "cyclex_search"):
@@ -237,13 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidances", type=float, nargs="+", default=[7, 8, 9, 10])
     parser.add_argument("--null-settings", nargs="+", default=["default", "underfit"])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 on a shared CPU)")
+    parser.add_argument("--required-score", type=int, default=5, help="CF_Score needed to accept (0..5)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     world = tiny_world(args.findings) if args.tiny else demo_world(args.findings, args.tailored)
     grid = {"null_settings": tuple(args.null_settings), "checkpoints": CHECKPOINTS,
-            "strengths": tuple(args.strengths), "guidances": tuple(args.guidances)}
+            "strengths": tuple(args.strengths), "guidances": tuple(args.guidances),
+            "required_score": args.required_score}
     result = run(world, args.steps, grid)
     write_text_atomic(args.out, json.dumps(result, indent=2, default=str))
     logger.info("wrote %s", args.out)
