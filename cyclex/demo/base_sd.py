@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cyclex.demo.cache import demo_cache_dir
 from cyclex.demo.tiny_sd import TinySDConfig
 from cyclex.tailored_training.config import write_json_atomic
 
@@ -41,16 +42,12 @@ BASE_METADATA = "cyclex_base_sd.json"
 DEMO_BUILD_FILE = "demo_build.json"
 
 
-def cyclex_home() -> Path:
-    return Path(os.environ.get("CYCLEX_HOME") or Path.home() / ".cache" / "cyclex").expanduser()
-
-
 def demo_base_sd_dir() -> Path:
-    return cyclex_home() / "demo" / "base_sd"
+    return demo_cache_dir() / "base_sd"
 
 
 def demo_tailored_dir(name: str) -> Path:
-    return cyclex_home() / "demo" / "tailored" / name
+    return demo_cache_dir() / "tailored" / name
 
 
 @dataclass
