@@ -34,6 +34,7 @@ import jinja2
 from cyclex.cycle.explainer import cyclic_rate
 from cyclex.cycle.run_folder import RESULTS_NAME, SUMMARY_NAME, write_text_atomic
 from cyclex.findings import ABNORMALITIES
+from cyclex.jsonl import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -126,21 +127,7 @@ def highlight_report(text: str, classes: Mapping[str, str], mentions: MentionFin
 
 # -- reading a run ---------------------------------------------------------------------------------
 def _read_jsonl(path: Path, required: Sequence[str]) -> list[dict[str, Any]]:
-    lines = []
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            line = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise RunReportError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(line, dict):
-            raise RunReportError(f"{path}:{number}: expected a JSON object, got {type(line).__name__}")
-        missing = [key for key in required if key not in line]
-        if missing:
-            raise RunReportError(f"{path}:{number}: missing keys {missing} (a line needs {list(required)})")
-        lines.append(line)
-    return lines
+    return read_jsonl(path, required, error=RunReportError)
 
 
 def _load_run(run: str | os.PathLike) -> dict[str, Any]:

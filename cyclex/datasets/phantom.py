@@ -33,6 +33,7 @@ from cyclex.datasets.phantom_anatomy import build_anatomy
 from cyclex.datasets.phantom_findings import DEVICES, DRAWABLE, FINDING_DRAWERS, SEVERITIES, SIDED
 from cyclex.datasets.phantom_reports import HEDGEABLE, REPORT_STYLES, phantom_report
 from cyclex.findings import FindingLabels, canonical_finding, finding_slug
+from cyclex.jsonl import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -408,23 +409,12 @@ def read_phantom_folder(folder: str | os.PathLike) -> list[dict]:
     meta_path = root / "metadata.jsonl"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: not a phantom folder (expected metadata.jsonl)")
-    records = []
-    with meta_path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{meta_path}:{line_no}: not valid JSON ({err.msg})") from None
-            missing = {"id", "image", "report", "labels", "masks"} - set(record)
-            if missing:
-                raise ValueError(f"{meta_path}:{line_no}: record lacks fields {sorted(missing)}")
-            record["image"] = str((root / record["image"]).resolve())
-            record["masks"] = {f: str((root / p).resolve()) for f, p in record["masks"].items()}
-            if record.get("shortcut_mask"):
-                record["shortcut_mask"] = str((root / record["shortcut_mask"]).resolve())
-            records.append(record)
+    records = read_jsonl(meta_path, ("id", "image", "report", "labels", "masks"))
+    for record in records:
+        record["image"] = str((root / record["image"]).resolve())
+        record["masks"] = {f: str((root / p).resolve()) for f, p in record["masks"].items()}
+        if record.get("shortcut_mask"):
+            record["shortcut_mask"] = str((root / record["shortcut_mask"]).resolve())
     return records
 
 

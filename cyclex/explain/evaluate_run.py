@@ -47,6 +47,7 @@ from cyclex.explain.faithfulness import (
     ssim,
 )
 from cyclex.explain.scores import CFThresholds, cf_score, fet_score
+from cyclex.jsonl import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -84,19 +85,7 @@ def read_results(run_dir: str | os.PathLike) -> list[dict]:
     path = Path(run_dir) / "results.jsonl"
     if not path.is_file():
         raise RunFormatError(f"{path} not found: is {run_dir} a cyclex run folder?")
-    records = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise RunFormatError(f"{path}:{line_number}: not valid JSON ({error})") from None
-        missing = [k for k in REQUIRED_KEYS if k not in record]
-        if missing:
-            raise RunFormatError(f"{path}:{line_number}: missing keys {missing}")
-        records.append(record)
-    return records
+    return read_jsonl(path, REQUIRED_KEYS, error=RunFormatError)
 
 
 def _read_image(run_dir: Path, record: dict, key: str) -> torch.Tensor:
