@@ -56,6 +56,7 @@ RESULTS = Path(__file__).parent / "results" / "search.json"
 CHECKPOINTS = ("best_l2", "best_l1")
 DEFAULT_STEPS = 10
 DEFAULT_GUIDANCE = 7.5
+ARMS = ("single_pass", "algorithm1", "cyclex_search")
 
 
 @dataclass
@@ -187,7 +188,9 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def run(world: World, steps: int, grid: dict[str, tuple]) -> dict[str, Any]:
+def run(world: World, steps: int, grid: dict[str, tuple], cyclex_grid: dict[str, tuple] | None = None,
+        arms: tuple[str, ...] = ARMS) -> dict[str, Any]:
+    cyclex_grid = cyclex_grid or grid
     out: dict[str, Any] = {
         "benchmark": "search",
         "steps": steps,
@@ -198,11 +201,16 @@ def run(world: World, steps: int, grid: dict[str, tuple]) -> dict[str, Any]:
         "world": world.description,
         "thresholds": asdict(world.thresholds),
         "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()},
+        "grid_cyclex_search": {k: list(v) if isinstance(v, tuple) else v for k, v in cyclex_grid.items()},
     }
     attempts = {}
-    for name in ("single_pass", "algorithm1", "cyclex_search"):
-        out[name], results = run_arm(name, world, steps, grid)
+    for name in arms:
+        out[name], results = run_arm(name, world, steps, cyclex_grid if name == "cyclex_search" else grid)
         attempts[name] = [r.attempts for r in results]
+    for name in arms:
+        out[f"ablation_{name}"] = ablation_tables(attempts[name], grid["required_score"])
+    if set(arms) != set(ARMS):
+        return out  # a partial run (exploration): no ratios or goals
     out["unet_calls_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["unet_calls_per_accepted"],
                                                          out["algorithm1"]["unet_calls_per_accepted"])
     out["unet_passes_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["unet_passes_per_accepted"],
@@ -221,8 +229,6 @@ def run(world: World, steps: int, grid: dict[str, tuple]) -> dict[str, Any]:
                                                                out["algorithm1"]["unet_calls_total"])
     out["unet_passes_total_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["unet_passes_total"],
                                                                 out["algorithm1"]["unet_passes_total"])
-    out["ablation_cyclex_search"] = ablation_tables(attempts["cyclex_search"])
-    out["ablation_algorithm1"] = ablation_tables(attempts["algorithm1"])
     out["gpu"] = None  # filled only when a session measured on a GPU machine
     return out
 
@@ -236,7 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--strengths", type=float, nargs="+", default=[1.0, 0.9, 0.8])
     parser.add_argument("--guidances", type=float, nargs="+", default=[7, 8, 9, 10])
-    parser.add_argument("--null-settings", nargs="+", default=["default", "underfit"])
+    parser.add_argument("--null-settings", nargs="+", default=["default", "underfit"],
+                        help="H_null of Algorithm 1 (the paper's two NTI settings)")
+    parser.add_argument("--cyclex-null-settings", nargs="+", default=None,
+                        help="H_null of cyclex's search (default: the library's, cheap inversions first)")
+    parser.add_argument("--guidance-batch-size", type=int, default=None,
+                        help="cyclex search: guidances per UNet batch (default: all in one batch)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 on a shared CPU)")
     parser.add_argument("--required-score", type=int, default=5, help="CF_Score needed to accept (0..5)")
     args = parser.parse_args(argv)
@@ -247,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     grid = {"null_settings": tuple(args.null_settings), "checkpoints": CHECKPOINTS,
             "strengths": tuple(args.strengths), "guidances": tuple(args.guidances),
             "required_score": args.required_score}
-    result = run(world, args.steps, grid)
+    cyclex_grid = dict(grid)
+    if args.cyclex_null_settings:
+        cyclex_grid["null_settings"] = tuple(args.cyclex_null_settings)
+    if args.guidance_batch_size:
+        cyclex_grid["guidance_batch_size"] = args.guidance_batch_size
+    result = run(world, args.steps, grid, cyclex_grid, tuple(args.arms))
     write_text_atomic(args.out, json.dumps(result, indent=2, default=str))
     logger.info("wrote %s", args.out)
     return 0

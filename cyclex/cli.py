@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
 
 app = typer.Typer(help="cyclex: cyclic counterfactual explanations for chest X-ray report generators.",
                   no_args_is_help=True, add_completion=False)
+
+
+class DifferenceReference(str, Enum):
+    """What `explain` differences the counterfactual against (see `CyclicExplainer`)."""
+
+    query = "query"
+    reconstruction = "reconstruction"
 
 
 @app.callback()
@@ -126,6 +134,10 @@ def explain(
     image_size: int = typer.Option(None, "--image-size", help="resize inputs to this side (needed for mixed sizes)"),
     estimate_chest_box: bool = typer.Option(False, "--estimate-chest-box/--no-estimate-chest-box",
                                             help="mask maps to an Otsu chest box when the input gives none"),
+    difference_reference: DifferenceReference = typer.Option(
+        DifferenceReference.query, "--difference-reference", case_sensitive=False,
+        help="difference the counterfactual against the query (I - CF, the paper) or against the maker's own "
+             "redraw of the query with its source prompt (R - CF: hides what the VAE / sampler cannot reproduce)"),
     device: str = typer.Option(None, "--device", help="torch device for the tailored SD"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start over in a run folder made with other settings"),
     search: bool = typer.Option(False, "--search/--no-search", help="metric-guided search over inference settings "
@@ -171,7 +183,7 @@ def explain(
             checkpoint=checkpoint, steps=steps, guidance=guidance, strength=strength, findings=names or None,
             batch_size=batch_size, image_size=image_size, frame_threshold=threshold, frame_normalize=frame_normalize,
             estimate_chest_boxes=estimate_chest_box, overwrite=overwrite, device=device, generator_spec=generator,
-            search=search, search_kwargs=search_kwargs, scorer=scorer,
+            difference_reference=difference_reference.value, search=search, search_kwargs=search_kwargs, scorer=scorer,
         )
     except (FileNotFoundError, ValueError, KeyError, TypeError, RunFolderError, UnknownFindingError) as error:
         console.print(f"[red]error:[/red] {error}")
@@ -346,6 +358,9 @@ def demo_command(
     n_images: int = typer.Option(16, "--n", min=1, help="Held-out phantoms to explain."),
     steps: int = typer.Option(50, "--steps", min=1, help="DDIM steps of inversion and sampling."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over instead of resuming."),
+    difference_reference: DifferenceReference | None = typer.Option(
+        None, "--difference-reference", case_sensitive=False,
+        help="Maps against the query (I - CF) or the tiny SD's redraw of it (R - CF); default: the demo's choice."),
 ) -> None:
     """Explain 16 phantoms with the `clean` and `shortcut` demo generators and compare them."""
     import logging
@@ -361,7 +376,8 @@ def demo_command(
     from cyclex.cycle.run_folder import RunFolderError
 
     try:
-        comparison = run_demo(out, n_images=n_images, steps=steps, overwrite=overwrite)
+        extra = {} if difference_reference is None else {"difference_reference": difference_reference.value}
+        comparison = run_demo(out, n_images=n_images, steps=steps, overwrite=overwrite, **extra)
     except RunFolderError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(code=2) from None

@@ -179,3 +179,18 @@ def test_search_reuses_one_inversion_for_every_strength_and_guidance(nti_run, im
     assert result.unet_passes >= (5 + 4) * 2 + 5 + 3 * 5
     best_l1_calls = sum(a["unet_calls"] for a in result.attempts if a["checkpoint"] == "best_l1")
     assert best_l1_calls > best_l2_calls + STEPS  # its own pivot and null-text fit
+
+
+def test_fast_null_settings_give_siblings_that_share_model_and_cache(nti_run, images):
+    ld, maker, first = nti_run
+    negative = maker.with_null_setting("negative-prompt")
+    direct = maker.with_null_setting("direct")
+    assert isinstance(negative, NegativePromptInversionMaker) and isinstance(direct, DirectInversionMaker)
+    for sibling in (negative, direct):
+        assert sibling.ld is ld and sibling.cache is maker.cache and sibling.checkpoint == maker.checkpoint
+        assert sibling.num_inference_steps == STEPS and sibling.guidance_scale == maker.guidance_scale
+    before = ld.unet_calls
+    assert negative.invert(images, SOURCE).unet_calls == 0  # the pivot comes from the shared cache
+    assert ld.unet_calls == before
+    with pytest.raises(ValueError, match="null_setting"):
+        maker.with_null_setting("nonsense")

@@ -269,3 +269,44 @@ def test_benchmark_helpers():
     images = torch.stack([torch.ones(1, 4, 4), torch.zeros(1, 4, 4)])
     assert check(images, ["Cardiomegaly", "Cardiomegaly"]) == [False, True]
     assert ratio(1.0, 4.0) == 0.25 and ratio(None, 1.0) is None and ratio(1.0, 0.0) is None
+
+
+def test_guidance_batches_stop_at_the_first_accepted_guidance():
+    """guidance_batch_size=1: omega 7 alone first; an accepted omega 7 costs one guidance's sampling."""
+    first = ("default", "best_l2", 1.0, 7.0)
+    batched, events_b, _, _ = build({first: (5, 1.0)}, {first})
+    single, events_s, _, _ = build({first: (5, 1.0)}, {first}, guidance_batch_size=1)
+    result_b = batched.search(IMAGE, "s", "t", FINDING)
+    result_s = single.search(IMAGE, "s", "t", FINDING)
+    assert result_b.setting == result_s.setting == dict(zip(("null_setting", "checkpoint", "strength", "guidance"),
+                                                            first, strict=True))
+    assert [e for e in events_s if e[0] == "edit"] == [("edit", "default", "best_l2", 1.0, (7.0,))]
+    assert result_s.unet_calls == 10 + 2 and result_b.unet_calls == 10 + 2 * 4
+    assert len(result_s.attempts) == 1 and len(result_b.attempts) == 4
+    # batches of 3 keep the paper order and cover every guidance once per strength
+    triple, events_t, _, _ = build({}, set(), guidance_batch_size=3, strengths=(1.0,), null_settings=("default",),
+                                   checkpoints=("best_l2",))
+    triple.search(IMAGE, "s", "t", FINDING)
+    assert [e[4] for e in events_t if e[0] == "edit"] == [(7.0, 8.0, 9.0), (10.0,)]
+    with pytest.raises(ValueError, match="guidance_batch_size"):
+        build({}, set(), guidance_batch_size=0)
+
+
+def test_optimisation_free_null_settings_are_tried_first():
+    assert order_by_success_share(["underfit", "default", "negative-prompt"], "null_setting") == [
+        "negative-prompt", "default", "underfit"]
+    assert order_by_success_share(["default", "direct"], "null_setting") == ["direct", "default"]
+    cheap = ("negative-prompt", "best_l2", 1.0, 7.0)
+    search, events, _, _ = build({cheap: (5, 1.0)}, {cheap}, null_settings=("default", "underfit", "negative-prompt"))
+    result = search.search(IMAGE, "s", "t", FINDING)
+    assert result.setting["null_setting"] == "negative-prompt"
+    assert [e[1] for e in events if e[0] == "invert"] == ["negative-prompt"]  # NTI never fitted
+
+
+def test_ablation_tables_count_failed_criteria():
+    logs = [[{"null_setting": "default", "checkpoint": "best_l2", "strength": 1.0, "guidance": 7.0, "score": 3,
+              "failed": ["lpips", "cpg"], "accepted": False},
+             {"null_setting": "default", "checkpoint": "best_l2", "strength": 1.0, "guidance": 8.0, "score": 4,
+              "failed": ["lpips"], "accepted": False}]]
+    assert ablation_tables(logs, required_score=4)["failed_criteria"] == {"cpg": 1, "lpips": 2}
+    assert ablation_tables(logs, required_score=4)["by_strength_guidance"]["delta=1|omega=8"]["score_passed"] == 1

@@ -242,12 +242,44 @@ def test_demo_thresholds_are_calibrated_once_and_read_back(tmp_path, monkeypatch
     config = PhantomClassifierConfig(channels=(8, 16))
     classifier = PhantomClassifier(PhantomClassifierNet(config), config)
     path = tmp_path / "cf_thresholds.json"
-    monkeypatch.setattr(cf_thresholds.calibration_values, "__defaults__", (6, cf_thresholds.CALIBRATION_SEED))
+    monkeypatch.setattr(cf_thresholds.calibration_values, "__defaults__", (6, cf_thresholds.CALIBRATION_SEED, None))
+    monkeypatch.setattr(cf_thresholds, "demo_autoencoder", lambda: None)  # no base SD in this test
     scorer = cf_thresholds.demo_scorer(classifier, thresholds_path=path)
     stored = json.loads(path.read_text())
     assert stored["provenance"]["n_pairs"] == 6 and stored["thresholds"]["lpips"] == scorer.thresholds.lpips
+    assert stored["provenance"]["version"] == cf_thresholds.CALIBRATION_VERSION
     assert scorer.thresholds.cpg >= 0.1  # an edit must move the classifier (never below Table 2)
     # read back, not recalibrated: a changed file is what the next scorer uses
     stored["thresholds"]["fet"] = 123.0
     path.write_text(json.dumps(stored))
     assert cf_thresholds.demo_scorer(classifier, thresholds_path=path).thresholds.fet == 123.0
+    # a file of an older calibration version is recalibrated
+    stored["provenance"]["version"] = 1
+    path.write_text(json.dumps(stored))
+    assert cf_thresholds.demo_scorer(classifier, thresholds_path=path).thresholds.fet != 123.0
+    assert json.loads(path.read_text())["provenance"]["version"] == cf_thresholds.CALIBRATION_VERSION
+
+
+def test_calibration_passes_counterfactuals_through_the_autoencoder():
+    """Version 2: each true counterfactual goes through the autoencoder before it is scored."""
+    from cyclex.demo import cf_thresholds
+
+    class RecordingScorer:
+        def __init__(self):
+            self.counterfactuals = []
+
+        def raw_values(self, factual, counterfactual, finding):
+            self.counterfactuals.append(counterfactual.clone())
+            l2 = ((factual - counterfactual) ** 2).mean().sqrt()
+            return {k: l2.view(1) for k in ("lpips", "clip_cosine", "l2", "cpg", "fet")}
+
+    def halve(images):
+        return images * 0.5
+
+    plain, through = RecordingScorer(), RecordingScorer()
+    values_plain, seeds_plain = cf_thresholds.calibration_values(plain, n_pairs=3)
+    values_through, seeds_through = cf_thresholds.calibration_values(through, n_pairs=3, autoencoder=halve)
+    assert seeds_plain == seeds_through and len(seeds_plain) == 3
+    for a, b in zip(plain.counterfactuals, through.counterfactuals, strict=True):
+        torch.testing.assert_close(b, a * 0.5)
+    assert values_through["l2"] != values_plain["l2"]

@@ -40,6 +40,9 @@ class CounterfactualMaker(abc.ABC):
     """
 
     name: str = "base"
+    # True: every request is served with the same settings, so redrawing a query with its own (source)
+    # prompt shows what this maker cannot reproduce (`reconstruct`, the engine's "reconstruction" reference).
+    reconstructs_with_fixed_settings: bool = True
 
     @abc.abstractmethod
     def make(
@@ -52,6 +55,15 @@ class CounterfactualMaker(abc.ABC):
         seed: int = 0,
     ) -> CounterfactualOutput:
         """images (B, 1, H, W) in [0, 1]; masks optional (B, 1, H, W) in {0, 1} limiting the edit."""
+
+    def reconstruct(self, images: torch.Tensor, source_prompts: Sequence[str], *, seed: int = 0) -> torch.Tensor:
+        """The queries as this maker redraws them with their own (source) prompts, same settings and seed.
+
+        images (B, 1, H, W) in [0, 1] -> (B, 1, H, W) in [0, 1]. Default: `make` with target = source.
+        Differencing a counterfactual against this instead of the query keeps what the prompt edit
+        changed and drops what the autoencoder / sampler cannot reproduce (texture, noise).
+        """
+        return self.make(images, source_prompts, source_prompts, seed=seed).images
 
     def settings(self) -> dict[str, Any]:
         """The maker's settings, recorded in every result line (JSON-serialisable)."""

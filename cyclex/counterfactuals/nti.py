@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 # H_null = (inner iterations, early-stop error); SPEC section 2 (the paper prints them transposed).
 NULL_SETTINGS: dict[str, tuple[int, float]] = {"default": (10, 1e-5), "underfit": (8, 5e-4)}
+# Optimisation-free choices of the unconditional branch (fast_inversion.py), usable wherever a null
+# setting is: negative-prompt inversion (null := source prompt) and direct inversion (offsets).
+FAST_NULL_SETTINGS: tuple[str, ...] = ("negative-prompt", "direct")
 # Reference code: the early-stop bound loosens by 2e-5 per step.
 EARLY_STOP_GROWTH = 2e-5
 
@@ -447,8 +450,21 @@ class NullTextInversionMaker(InvertThenEditMaker):
         self.inversion_guidance = float(guidance_scale if inversion_guidance is None else inversion_guidance)
         self.learning_rate = float(learning_rate)
 
-    def with_null_setting(self, null_setting: str | Sequence) -> NullTextInversionMaker:
-        """A sibling maker sharing the model, cache and other settings (the search's H_null loop)."""
+    def with_null_setting(self, null_setting: str | Sequence) -> InvertThenEditMaker:
+        """A sibling maker sharing the model, cache and other settings (the search's H_null loop).
+
+        "negative-prompt" / "direct" give the optimisation-free makers of `fast_inversion.py`: same
+        pivot trajectory (shared through the cache), no per-step fitting.
+        """
+        if isinstance(null_setting, str) and null_setting in FAST_NULL_SETTINGS:
+            from cyclex.counterfactuals.fast_inversion import (
+                DirectInversionMaker,
+                NegativePromptInversionMaker,
+            )
+
+            cls = NegativePromptInversionMaker if null_setting == "negative-prompt" else DirectInversionMaker
+            return cls(self.ld, self.num_inference_steps, self.guidance_scale, self.strength,
+                       checkpoint=self.checkpoint, cache=self.cache, attention_control=self.attention_control)
         return NullTextInversionMaker(
             self.ld, self.num_inference_steps, self.guidance_scale, self.strength, null_setting,
             inversion_guidance=self.inversion_guidance, learning_rate=self.learning_rate,

@@ -9,7 +9,11 @@ cycle verified) for a fraction of the work:
 - one inversion per (null setting, checkpoint) serves every strength (sampling starts later on the
   same pivot trajectory) and every guidance (the null embeddings are fitted once, at the maker's
   inversion guidance); the guidance-1 pivot is shared by both null settings (inversion cache);
-- the guidance values of one (null, checkpoint, strength) run as one UNet batch;
+- the guidance values of one (null, checkpoint, strength) run as one UNet batch
+  (`guidance_batch_size=None`), or in smaller batches that stop at the first accepted one
+  (`guidance_batch_size=1`: fewest UNet evaluations, since omega 7 alone holds most successes);
+- null settings that need no optimisation (negative-prompt, direct inversion) are tried before
+  null-text inversion when listed in `null_settings` (they reuse the same pivot trajectory);
 - the order follows the paper's success shares: omega 7 first (84 % of successes), delta 1.0, then
   0.8, then 0.9 (40 / 34 / 25 %), best-L2 before best-L1 (83 %), default null before underfit;
 - it stops at the first accepted result; the cheap metrics (CF_Score) are computed first and the
@@ -69,8 +73,17 @@ CycleCheck = Callable[[torch.Tensor, Sequence[str]], Sequence[bool]]
 
 
 def order_by_success_share(values: Sequence, dimension: str) -> list:
-    """Values sorted by the paper's success share (highest first); unknown values keep their order."""
+    """Values sorted by the paper's success share (highest first); unknown values keep their order.
+
+    Null settings that need no optimisation (negative-prompt, direct inversion) go first whatever
+    their share: trying them costs a fraction of one null-text fit (cyclex's choice, not the paper's).
+    """
+    from cyclex.counterfactuals.nti import FAST_NULL_SETTINGS
+
     shares = PAPER_SUCCESS_SHARES.get(dimension, {})
+
+    def cheap_first(value) -> int:
+        return 0 if dimension == "null_setting" and isinstance(value, str) and value in FAST_NULL_SETTINGS else 1
 
     def share(value) -> float:
         if isinstance(value, (list, tuple)):
@@ -78,7 +91,7 @@ def order_by_success_share(values: Sequence, dimension: str) -> list:
         key = float(value) if isinstance(value, (int, float)) else value
         return shares.get(key, -1.0)
 
-    return sorted(values, key=lambda v: -share(v))
+    return sorted(values, key=lambda v: (cheap_first(v), -share(v)))
 
 
 @dataclass
@@ -190,7 +203,10 @@ class MetricGuidedSearch:
         required_score: int = 5,
         order_by_paper_shares: bool = True,
         log_path: str | Path | None = None,
+        guidance_batch_size: int | None = None,
     ) -> None:
+        if guidance_batch_size is not None and int(guidance_batch_size) < 1:
+            raise ValueError(f"guidance_batch_size must be >= 1 or None (all guidances in one batch), got {guidance_batch_size}")
         for name, values in (("null_settings", null_settings), ("checkpoints", checkpoints),
                              ("strengths", strengths), ("guidances", guidances)):
             if len(values) == 0:
@@ -212,6 +228,7 @@ class MetricGuidedSearch:
         self.strengths = [float(s) for s in order(list(strengths), "strength")]
         self.guidances = [float(g) for g in order(list(guidances), "guidance")]
         self.required_score = int(required_score)
+        self.guidance_batch_size = None if guidance_batch_size is None else int(guidance_batch_size)
         self.log_path = Path(log_path) if log_path is not None else None
         self._log_lines: list[str] = []
         self._maker_memo: dict[tuple, Any] = {}
@@ -259,16 +276,16 @@ class MetricGuidedSearch:
                 t0, c0 = time.perf_counter(), _unet_calls(maker)
                 inversion = maker.invert(factual, [source_prompt])
                 pending_calls, pending_seconds = _unet_calls(maker) - c0, time.perf_counter() - t0
-                for strength in self.strengths:
+                for strength, guidances in self._strength_guidance_batches():
                     t1, c1 = time.perf_counter(), _unet_calls(maker)
-                    images = maker.edit(inversion, [target_prompt], guidances=self.guidances, strength=strength,
+                    images = maker.edit(inversion, [target_prompt], guidances=guidances, strength=strength,
                                         output_size=size)[0]
                     calls = _unet_calls(maker) - c1 + pending_calls
                     seconds = time.perf_counter() - t1 + pending_seconds
                     pending_calls, pending_seconds = 0, 0.0
                     settings = [
                         {"null_setting": effective_null, "checkpoint": checkpoint, "strength": strength, "guidance": g}
-                        for g in self.guidances
+                        for g in guidances
                     ]
                     group, accepted_index = self._judge(factual, images, finding, settings, calls, seconds)
                     attempts.extend(group)
@@ -285,6 +302,12 @@ class MetricGuidedSearch:
         passes = sum(_unet_passes(m) - p for m, p in passes_start.values())
         return self._finish(best[1], best[2], attempts, finding, total_calls, start_time, accepted=False,
                             passes=passes)
+
+    def _strength_guidance_batches(self) -> list[tuple[float, list[float]]]:
+        """(strength, guidances) in search order: each strength's guidances in batches of guidance_batch_size."""
+        size = self.guidance_batch_size or len(self.guidances)
+        return [(strength, self.guidances[i:i + size])
+                for strength in self.strengths for i in range(0, len(self.guidances), size)]
 
     def _judge(self, factual, images, finding, settings, calls, seconds):
         """Score a guidance batch (cheap), cycle-check the passing ones (one generator call)."""
@@ -459,7 +482,7 @@ def ablation_tables(attempt_logs: Sequence[Sequence[Mapping[str, Any]]], require
 
     For each cell (delta x omega, checkpoint, null setting): attempts tried, attempts reaching the
     required CF_Score, accepted attempts, and share_of_accepted = the cell's share of the findings
-    accepted (the paper's "success shares").
+    accepted (the paper's "success shares"). failed_criteria: attempts failing each criterion.
     """
     tables: dict[str, dict[str, dict[str, float]]] = {}
     dimensions = {
@@ -479,6 +502,13 @@ def ablation_tables(attempt_logs: Sequence[Sequence[Mapping[str, Any]]], require
         for cell in cells.values():
             cell["share_of_accepted"] = cell["accepted"] / n_accepted if n_accepted else 0.0
         tables[table] = dict(sorted(cells.items()))
+    # which CF_Score criteria stop the attempts (what to tune or recalibrate first)
+    failed: dict[str, int] = defaultdict(int)
+    for log in attempt_logs:
+        for attempt in log:
+            for criterion in attempt.get("failed", ()):
+                failed[criterion] += 1
+    tables["failed_criteria"] = dict(sorted(failed.items()))
     return {"n_findings": len(attempt_logs), "n_accepted": n_accepted, **tables}
 
 

@@ -92,6 +92,7 @@ class SearchingMaker(CounterfactualMaker):
     """
 
     name = "search"
+    reconstructs_with_fixed_settings = False  # settings are searched per finding: no single reconstruction
 
     def __init__(
         self,
@@ -106,6 +107,7 @@ class SearchingMaker(CounterfactualMaker):
         required_score: int = 5,
         order_by_paper_shares: bool = True,
         log_path: str | Path | None = None,
+        guidance_batch_size: int | None = None,
     ) -> None:
         if not isinstance(makers, Mapping) or not makers:
             raise ValueError("SearchingMaker needs {checkpoint: maker}, at least one")
@@ -122,7 +124,7 @@ class SearchingMaker(CounterfactualMaker):
             self.makers, scorer, self._check_cycle, null_settings=null_settings,
             checkpoints=tuple(checkpoints) if checkpoints is not None else tuple(self.makers),
             strengths=strengths, guidances=guidances, required_score=required_score,
-            order_by_paper_shares=order_by_paper_shares, log_path=None,
+            order_by_paper_shares=order_by_paper_shares, log_path=None, guidance_batch_size=guidance_batch_size,
         )
         self.order_by_paper_shares = bool(order_by_paper_shares)
         self.log_path = Path(log_path) if log_path is not None else None
@@ -224,6 +226,7 @@ class SearchingMaker(CounterfactualMaker):
             "guidances": self.search.guidances,
             "required_score": self.search.required_score,
             "order_by_paper_shares": self.order_by_paper_shares,
+            "guidance_batch_size": self.search.guidance_batch_size,
         })
 
     def settings(self) -> dict[str, Any]:

@@ -8,7 +8,10 @@
 4. regenerate + relabel all counterfactuals with one generator call; the cycle is verified when the
    removed finding is no longer present; findings that appeared or vanished otherwise are recorded
    as collateral changes;
-5. compute the difference maps and the feature identification frame.
+5. compute the difference maps and the feature identification frame: against the query I (default, the
+   paper's definition) or, with difference_reference="reconstruction", against R, the query as the
+   maker redraws it with its own prompt (one extra maker call per image), so that what the
+   autoencoder / sampler cannot reproduce does not light up the maps.
 The engine never branches on the maker's variant: any `CounterfactualMaker` plugs in.
 """
 
@@ -39,6 +42,8 @@ from cyclex.findings import ABNORMALITIES, FindingLabels, LabelState, Structured
 
 logger = logging.getLogger(__name__)
 
+DIFFERENCE_REFERENCES = ("query", "reconstruction")
+
 
 @dataclass
 class CycleResult:
@@ -46,6 +51,9 @@ class CycleResult:
 
     query / counterfactual: (H, W) float32 in [0, 1]. difference: signed I - CF (H, W);
     positive: max(I - CF, 0) masked to the chest box when one is used (seed 000's map).
+    reference: None when the maps difference against the query; with difference_reference=
+    "reconstruction", R (H, W), the query redrawn by the maker with its source prompt, and then
+    difference = R - CF, positive = max(R - CF, 0) and the frame come from R and CF.
     verified: the regenerated report no longer has the finding (the cycle holds).
     collateral_added / collateral_lost: other findings that appeared / disappeared.
     """
@@ -70,6 +78,7 @@ class CycleResult:
     chest_box: tuple[int, int, int, int] | None = None
     maker_details: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    reference: np.ndarray | None = field(default=None, repr=False)
 
     def to_record(self) -> dict[str, Any]:
         """JSON-serialisable summary (no arrays)."""
@@ -87,6 +96,7 @@ class CycleResult:
             "collateral_lost": list(self.collateral_lost),
             "chest_box": list(self.chest_box) if self.chest_box is not None else None,
             "frame": self.frame.to_dict(),
+            "difference_reference": "query" if self.reference is None else "reconstruction",
             "maker": self.maker_details,
         }
 
@@ -163,6 +173,10 @@ class CyclicExplainer:
     frame_k / frame_blur: components kept / Gaussian kernel. frame_normalize: stretch |I - CF| to a
     maximum of 255 before thresholding (choice, off by default). estimate_chest_boxes: when no chest box
     is given, estimate one per image (Otsu) and mask the maps to it.
+    difference_reference: "query" (default, the paper's I - CF) or "reconstruction": difference and
+    frame against R, the query redrawn by the maker with its source prompt under the same settings and
+    seed (R - CF), which isolates the prompt edit from what the VAE / sampler cannot reproduce. Needs a
+    maker with `reconstructs_with_fixed_settings` (not the search, which picks settings per finding).
     """
 
     def __init__(
@@ -180,6 +194,7 @@ class CyclicExplainer:
         frame_normalize: bool = False,
         estimate_chest_boxes: bool = False,
         seed: int = 0,
+        difference_reference: str = "query",
     ) -> None:
         if not isinstance(maker, CounterfactualMaker):
             raise TypeError(f"maker must be a CounterfactualMaker, got {type(maker).__name__}")
@@ -188,6 +203,15 @@ class CyclicExplainer:
         if not hasattr(labeler, "label"):
             raise TypeError(f"labeler must have .label(reports), got {type(labeler).__name__}")
         StructuredPrompt((), template=template)  # validates the template name
+        if difference_reference not in DIFFERENCE_REFERENCES:
+            raise ValueError(f"difference_reference must be one of {', '.join(map(repr, DIFFERENCE_REFERENCES))}, "
+                             f"got {difference_reference!r}")
+        if difference_reference == "reconstruction" and not getattr(maker, "reconstructs_with_fixed_settings", True):
+            raise ValueError(
+                f"difference_reference='reconstruction' needs a maker that uses the same settings for every "
+                f"request; {type(maker).__name__} picks settings per finding, so no single reconstruction "
+                f"matches its counterfactuals (use difference_reference='query')"
+            )
         self.generator = generator
         self.labeler = labeler
         self.maker = maker
@@ -200,6 +224,7 @@ class CyclicExplainer:
         self.frame_normalize = bool(frame_normalize)
         self.estimate_chest_boxes = bool(estimate_chest_boxes)
         self.seed = int(seed)
+        self.difference_reference = difference_reference
         bind_cycle = getattr(maker, "bind_cycle", None)
         if callable(bind_cycle):  # makers that verify candidates themselves (the search) use our cycle
             bind_cycle(generator, labeler, self.uncertain_as_present)
@@ -267,6 +292,7 @@ class CyclicExplainer:
             "frame_normalize": self.frame_normalize,
             "estimate_chest_boxes": self.estimate_chest_boxes,
             "seed": self.seed,
+            "difference_reference": self.difference_reference,
         }
 
     # -- the cycle -------------------------------------------------------------------------------
@@ -357,6 +383,18 @@ class CyclicExplainer:
         reports_after = list(self.generator.generate(counterfactuals))
         labels_after = list(self.labeler.label(reports_after))
         timings["generate_after"] = time.perf_counter() - tick
+        # 4b. The reference the maps difference against: the query, or its reconstruction (one per image)
+        references: dict[int, np.ndarray] = {}
+        if self.difference_reference == "reconstruction":
+            tick = time.perf_counter()
+            unique = list(dict.fromkeys(rows))
+            redrawn = self.maker.reconstruct(batch[unique], [prompts[i].text for i in unique], seed=self.seed)
+            redrawn = redrawn.float().clamp(0, 1)
+            if redrawn.shape != batch[unique].shape:
+                raise RuntimeError(f"maker reconstructed images {tuple(redrawn.shape)}, "
+                                   f"expected {tuple(batch[unique].shape)}")
+            references = {i: redrawn[n, 0].cpu().numpy() for n, i in enumerate(unique)}
+            timings["reconstructions"] = time.perf_counter() - tick
         # 5. Difference maps and frames
         tick = time.perf_counter()
         results = []
@@ -368,10 +406,12 @@ class CyclicExplainer:
                 box = tuple(int(v) for v in chest_boxes[i])
             elif self.estimate_chest_boxes:
                 box = estimate_chest_box(query)
-            _, signed, positive = difference_maps(query, cf, chest_box=box)
-            level = resolve_threshold(self.frame_threshold, finding, query, cf, k=self.frame_k, blur=self.frame_blur,
+            reference = references.get(i)
+            base = query if reference is None else reference
+            _, signed, positive = difference_maps(base, cf, chest_box=box)
+            level = resolve_threshold(self.frame_threshold, finding, base, cf, k=self.frame_k, blur=self.frame_blur,
                                       chest_box=box, candidates=self.frame_candidates, normalize=self.frame_normalize)
-            frame = feature_frame(query, cf, threshold=level, k=self.frame_k, blur=self.frame_blur, chest_box=box,
+            frame = feature_frame(base, cf, threshold=level, k=self.frame_k, blur=self.frame_blur, chest_box=box,
                                   normalize=self.frame_normalize)
             before, after = set(self.present(labels_before[i])), set(self.present(labels_after[j]))
             details = dict(made.details[j]) if j < len(made.details) else {}
@@ -386,6 +426,7 @@ class CyclicExplainer:
                 query=query, counterfactual=cf, difference=signed, positive=positive, frame=frame,
                 chest_box=box, maker_details=details,
                 extras={k: v[j].detach().cpu().numpy() for k, v in made.extras.items()},
+                reference=reference,
             ))
         timings["frames"] = time.perf_counter() - tick
         share = {k: round(v / len(plan), 4) for k, v in timings.items()}

@@ -6,7 +6,9 @@ Layout::
       run_config.json        settings of the run; resuming with other settings is refused
       results.jsonl          one line per image x removed finding, input order then vocabulary order
       summary.json           Cyclic Rate overall and per finding, counts, seconds
-      items/IMAGE/FINDING/   query.png, counterfactual.png, difference.png (positive part, colour),
+      items/IMAGE/FINDING/   query.png, counterfactual.png, difference.png (positive part, colour,
+                             drawn on the query), reconstruction.png (the maps' reference R, only
+                             with difference_reference="reconstruction"),
                              frame.png (contours on the query), frame_mask.png (the frame's
                              K components, 0/255), signed.npy / positive.npy (float32
                              maps), mask.png (ground-truth mask, when the input had one),
@@ -53,6 +55,8 @@ RESULTS_NAME = "results.jsonl"
 SUMMARY_NAME = "summary.json"
 # Settings that do not change results: excluded from the resume check.
 _NON_RESULT_SETTINGS = ("batch_size", "images")
+# Settings added after runs were written: a run_config.json without them ran with these values.
+_LATER_SETTING_DEFAULTS = {"difference_reference": "query"}
 
 
 class RunFolderError(RuntimeError):
@@ -111,7 +115,7 @@ def _check_config(out: Path, config: dict[str, Any], overwrite: bool) -> None:
         for name in (RESULTS_NAME, SUMMARY_NAME, CONFIG_NAME):
             (out / name).unlink(missing_ok=True)
     if path.is_file():
-        previous = json.loads(path.read_text())
+        previous = {**_LATER_SETTING_DEFAULTS, **json.loads(path.read_text())}
         strip = lambda c: {k: v for k, v in c.items() if k not in _NON_RESULT_SETTINGS}  # noqa: E731
         if strip(previous) != strip(config):
             changed = sorted(k for k in set(previous) | set(config)
@@ -157,6 +161,9 @@ def _write_item(out: Path, record: Mapping[str, Any], result: CycleResult, setti
     write_png_atomic(out / files["frame_mask"], np.uint8(result.frame.mask) * 255)
     write_npy_atomic(out / files["signed_npy"], result.difference)
     write_npy_atomic(out / files["positive_npy"], result.positive)
+    if result.reference is not None:  # difference_reference="reconstruction": the maps' reference R
+        files["reconstruction"] = rel / "reconstruction.png"
+        write_png_atomic(out / files["reconstruction"], result.reference)
     for name, array in result.extras.items():
         key = f"{safe_name(name)}_npy"
         files[key] = rel / f"{safe_name(name)}.npy"
@@ -358,6 +365,7 @@ def run_explain(
     frame_k: int = 5,
     frame_normalize: bool = False,
     estimate_chest_boxes: bool = False,
+    difference_reference: str = "query",
     overwrite: bool = False,
     progress: bool = True,
     device=None,
@@ -373,6 +381,8 @@ def run_explain(
     The one call behind `cyclex explain` and the demo. Returns the summary dict (also summary.json).
     search / search_kwargs / scorer: the metric-guided search (`CyclicExplainer.from_pretrained`); its
     attempts go to RUN/search_attempts.jsonl and its ablation tables to RUN/search_ablation.json.
+    difference_reference: "query" (I - CF, the paper) or "reconstruction" (R - CF, R the query redrawn
+    by the maker with its own prompt; see `CyclicExplainer`).
     """
     if isinstance(records, (str, Path)):
         source = str(records)
@@ -384,7 +394,7 @@ def run_explain(
     explainer = CyclicExplainer.from_pretrained(
         tailored_dir, generator=generator, labeler=labeler, variant=variant, checkpoint=checkpoint, device=device,
         explainer_kwargs={"frame_threshold": frame_threshold, "frame_k": frame_k, "frame_normalize": frame_normalize,
-                          "estimate_chest_boxes": estimate_chest_boxes},
+                          "estimate_chest_boxes": estimate_chest_boxes, "difference_reference": difference_reference},
         search=search, search_kwargs=search_kwargs, scorer=scorer,
         num_inference_steps=steps, guidance_scale=guidance, strength=strength, **dict(maker_kwargs or {}),
     )

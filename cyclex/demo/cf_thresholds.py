@@ -5,11 +5,20 @@ The procedure is documented in `cyclex.counterfactuals.search` (module doc): the
 counterfactual pairs (a phantom and the same phantom rendered without one finding), and
 `calibrate_thresholds` keeps the quantiles admitting `COVERAGE` of them. The result is written to
 `$CYCLEX_HOME/demo/cf_thresholds.json` (with seeds, n and coverage) and read back by later runs.
+
+Version 2 (`CALIBRATION_VERSION`): the counterfactual of each pair goes through the demo SDs' VAE
+(encode, decode) first, when the demo base SD is built. Every counterfactual a tailored SD makes is a
+VAE decoding, and the tiny demo VAE drops the phantoms' rib texture and noise, so version 1's
+thresholds (both sides pixel-perfect) rejected even the best counterfactual the model can express.
+The pair is now (phantom, best expressible counterfactual); the factual side stays the raw query, as
+in every real comparison. A stored file of another version is recalibrated.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +32,9 @@ CALIBRATION_SEED = 7_000
 CALIBRATION_PAIRS = 64
 COVERAGE = 0.9
 THRESHOLDS_NAME = "cf_thresholds.json"
+CALIBRATION_VERSION = 2
+
+Autoencoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 def demo_thresholds_path() -> Path:
@@ -31,9 +43,33 @@ def demo_thresholds_path() -> Path:
     return demo_cache_dir() / THRESHOLDS_NAME
 
 
+def demo_autoencoder() -> Autoencoder | None:
+    """The demo SDs' VAE round trip ((B, 1, H, W) -> same, in [0, 1]), None when the base SD is not built.
+
+    Every demo tailored SD keeps the base SD's VAE (tailored training updates the UNet only).
+    """
+    from cyclex.demo.base_sd import demo_base_sd_dir
+
+    base = demo_base_sd_dir()
+    if not (base / "model_index.json").is_file():
+        return None
+    from cyclex.counterfactuals.diffusion import LatentDiffusion
+    from cyclex.tailored_training import load_tailored_pipeline
+
+    latent_diffusion = LatentDiffusion(load_tailored_pipeline(base, dtype=torch.float32), num_inference_steps=1)
+
+    def round_trip(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return latent_diffusion.decode_latents(latent_diffusion.encode_images(images)).cpu()
+
+    return round_trip
+
+
 def calibration_values(scorer: CounterfactualScorer, n_pairs: int = CALIBRATION_PAIRS,
-                       seed: int = CALIBRATION_SEED) -> tuple[dict[str, list[float]], list[int]]:
-    """Raw metric values of true counterfactual pairs: a phantom and the same phantom without one finding."""
+                       seed: int = CALIBRATION_SEED, autoencoder: Autoencoder | None = None,
+                       ) -> tuple[dict[str, list[float]], list[int]]:
+    """Raw metric values of true counterfactual pairs: a phantom and the same phantom without one finding
+    (passed through `autoencoder` when given: the best counterfactual that model can express)."""
     from cyclex.datasets.phantom import make_phantom, phantom_seed
 
     values: dict[str, list[float]] = {}
@@ -52,22 +88,40 @@ def calibration_values(scorer: CounterfactualScorer, n_pairs: int = CALIBRATION_
         removed = make_phantom(s, findings=kept)
         factual = torch.from_numpy(truth.image).float()[None, None]
         counterfactual = torch.from_numpy(removed.image).float()[None, None]
+        if autoencoder is not None:
+            counterfactual = autoencoder(counterfactual).float().clamp(0, 1)
         for key, tensor in scorer.raw_values(factual, counterfactual, finding).items():
             values.setdefault(key, []).append(float(tensor[0]))
         seeds.append(s)
     return values, seeds
 
 
-def thresholds_for(scorer: CounterfactualScorer, path: str | Path | None) -> CFThresholds:
-    """Read the stored calibration at `path`, or calibrate once with `scorer` and store it there."""
+def _stored_version(path: Path) -> int:
+    try:
+        return int(json.loads(path.read_text()).get("provenance", {}).get("version", 1))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def thresholds_for(scorer: CounterfactualScorer, path: str | Path | None,
+                   autoencoder: Autoencoder | None = None) -> CFThresholds:
+    """Read the stored calibration at `path`, or calibrate once with `scorer` and store it there.
+
+    A stored file of an older calibration version is recalibrated. autoencoder: the VAE round trip
+    counterfactuals pass through (version 2); None: `demo_autoencoder()` when the demo base SD exists.
+    """
     path = Path(path) if path is not None else None
-    if path is not None and path.is_file():
+    if path is not None and path.is_file() and _stored_version(path) == CALIBRATION_VERSION:
         return load_thresholds(path)
-    values, seeds = calibration_values(scorer)
+    if autoencoder is None:
+        autoencoder = demo_autoencoder()
+    values, seeds = calibration_values(scorer, autoencoder=autoencoder)
     thresholds = calibrate_thresholds(values, coverage=COVERAGE)
     if path is not None:
         save_thresholds(path, thresholds, {
-            "procedure": "cyclex.counterfactuals.search.calibrate_thresholds on true phantom counterfactual pairs",
+            "procedure": ("cyclex.counterfactuals.search.calibrate_thresholds on true phantom counterfactual pairs"
+                          + (", counterfactual through the demo SDs' VAE" if autoencoder is not None else "")),
+            "version": CALIBRATION_VERSION, "autoencoder": autoencoder is not None,
             "coverage": COVERAGE, "n_pairs": len(seeds), "seeds": seeds,
         })
         logger.info("calibrated demo CF thresholds on %d phantom pairs -> %s", len(seeds), path)

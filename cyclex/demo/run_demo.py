@@ -33,6 +33,9 @@ DEMO_STRENGTH = 1.0
 DEMO_FRAME_THRESHOLD: float | str = "stable"
 DEMO_FRAME_NORMALIZE = True
 DEMO_CHECKPOINT = "final"
+# Maps and frames against the query (the paper's I - CF) or against the tiny SD's own redraw of the
+# query ("reconstruction", R - CF: drops the rib texture and noise the VAE / sampler cannot reproduce).
+DEMO_DIFFERENCE_REFERENCE = "query"
 
 
 def demo_query_phantoms(n: int, seed: int = DEMO_QUERY_SEED, marker_rate: float = DEMO_MARKER_RATE) -> list:
@@ -93,7 +96,7 @@ def shortcut_marker_overlap(run: str | Path, finding: str = "Cardiomegaly") -> d
 def run_demo(out: str | Path = "runs/demo", *, n_images: int = 16, steps: int = 50,
              guidance: float = DEMO_GUIDANCE, strength: float = DEMO_STRENGTH,
              frame_threshold: float | str = DEMO_FRAME_THRESHOLD, frame_normalize: bool = DEMO_FRAME_NORMALIZE,
-             checkpoint: str = DEMO_CHECKPOINT,
+             checkpoint: str = DEMO_CHECKPOINT, difference_reference: str = DEMO_DIFFERENCE_REFERENCE,
              names: Sequence[str] = ("clean", "shortcut"), progress: bool = True,
              overwrite: bool = False) -> dict[str, Any]:
     """Explain `n_images` held-out phantoms with each demo generator; returns the comparison summary."""
@@ -115,8 +118,8 @@ def run_demo(out: str | Path = "runs/demo", *, n_images: int = 16, steps: int = 
         summary = run_explain(
             load_generator(f"demo:{name}"), assets[name]["tailored"], records, out / name,
             steps=steps, guidance=guidance, strength=strength, frame_threshold=frame_threshold,
-            frame_normalize=frame_normalize, checkpoint=checkpoint, progress=progress, overwrite=overwrite, generator_spec=f"demo:{name}",
-            labeler_spec="rules",
+            frame_normalize=frame_normalize, checkpoint=checkpoint, progress=progress, overwrite=overwrite,
+            generator_spec=f"demo:{name}", labeler_spec="rules", difference_reference=difference_reference,
         )
         comparison["generators"][name] = {
             "run": str(out / name),
