@@ -2,23 +2,27 @@
 
     python -m benchmarks.search [--steps 10] [--findings 40] [--tiny] [--out benchmarks/results/search.json]
 
-All three arms run in one process on one machine, on the same >= 40 phantom findings, with the same
+All arms run in one process on one machine, on the same >= 40 phantom findings, with the same
 reduced number of DDIM steps (`--steps`, default 10, to fit a shared 2-core CPU; the papers use 50),
-the same NTI makers, the same scorer and the same acceptance rule (CF_Score >= 5 and the cycle
-verified):
-  (a) single_pass: default settings (best-L2 checkpoint, default null, delta 1.0, omega 7.5);
-  (b) algorithm1: seed 000's Algorithm 1 as written (48 settings, re-inverting at each);
-  (c) cyclex_search: `MetricGuidedSearch` (one inversion per null x checkpoint, guidance batches,
-      paper order, first accepted, cheap metrics before the generator).
+the same scorer and the same acceptance rule (CF_Score >= `--required-score`, 5 as the paper, and
+the cycle verified), over the same (checkpoint x strength x guidance) grid:
+  (a) single_pass: default settings (best-L2 checkpoint, NTI default null, delta 1.0, omega 7.5);
+  (b) algorithm1: seed 000's Algorithm 1 as written (H_null = the paper's two NTI settings,
+      re-inverting at each setting);
+  (c) cyclex_search: `MetricGuidedSearch` with the library's defaults (H_null = negative-prompt
+      inversion first, then the two NTI settings; one inversion per null x checkpoint, guidance
+      batches, paper order, first accepted, cheap metrics before the generator);
+  (c') cyclex_search_sequential: the same with guidance_batch_size=1 (one guidance per UNet batch,
+      stopping at the first accepted).
 UNet evaluations are counted per batch item (`LatentDiffusion.unet_calls`; NTI's inner iterations
-count one evaluation each, their backward passes are not counted).
+count one evaluation each, their backward passes are not counted); forward passes count batches.
 
 The demo world (default) needs the assets other parts of cyclex build under $CYCLEX_HOME/demo:
 the clean generator's tailored SD (`tailored/clean/` with selection.json: best_l2, best_l1; or --tailored PATH), the
 demo generator "clean" and the phantom classifier (stand-in encoder, classifier and LPIPS
-backbone). CF thresholds are calibrated once (`cyclex.counterfactuals.search` module doc) and
-stored as $CYCLEX_HOME/demo/cf_thresholds.json (`cyclex.demo.cf_thresholds`, shared with
-`cyclex explain --variant nti --search`). `--tiny` runs the same code on tiny random
+backbone). CF thresholds are calibrated once (`cyclex.demo.cf_thresholds`, version 2: true phantom
+counterfactuals through the demo VAE) and stored as $CYCLEX_HOME/demo/cf_thresholds.json (shared
+with `cyclex explain --variant nti --search`). `--tiny` runs the same code on tiny random
 components (logic check only: numbers from random weights mean nothing).
 """
 
@@ -38,6 +42,7 @@ import torch
 from cyclex.counterfactuals.inversion_cache import InversionCache
 from cyclex.counterfactuals.nti import NullTextInversionMaker
 from cyclex.counterfactuals.search import (
+    DEFAULT_NULL_SETTINGS,
     MetricGuidedSearch,
     SearchSummary,
     ablation_tables,
@@ -56,7 +61,7 @@ RESULTS = Path(__file__).parent / "results" / "search.json"
 CHECKPOINTS = ("best_l2", "best_l1")
 DEFAULT_STEPS = 10
 DEFAULT_GUIDANCE = 7.5
-ARMS = ("single_pass", "algorithm1", "cyclex_search")
+ARMS = ("single_pass", "algorithm1", "cyclex_search", "cyclex_search_sequential")
 
 
 @dataclass
@@ -164,8 +169,10 @@ def nti_makers(world: World, steps: int, inversion_guidance: float | None = None
 def run_arm(name: str, world: World, steps: int, grid: dict[str, tuple]) -> tuple[dict, list]:
     results = []
     start = time.perf_counter()
-    if name == "cyclex_search":
+    if name.startswith("cyclex_search"):
         makers = nti_makers(world, steps, inversion_guidance=float(min(grid["guidances"])))
+        if name == "cyclex_search_sequential":  # one guidance per batch, stopping at the first accepted
+            grid = {**grid, "guidance_batch_size": 1}
         search = MetricGuidedSearch(makers, world.scorer, world.cycle_check, **grid)
         for r in world.requests:
             results.append(search.search(r.image, r.source_prompt, r.target_prompt, r.finding))
@@ -205,30 +212,32 @@ def run(world: World, steps: int, grid: dict[str, tuple], cyclex_grid: dict[str,
     }
     attempts = {}
     for name in arms:
-        out[name], results = run_arm(name, world, steps, cyclex_grid if name == "cyclex_search" else grid)
+        out[name], results = run_arm(name, world, steps, cyclex_grid if name.startswith("cyclex_search") else grid)
         attempts[name] = [r.attempts for r in results]
     for name in arms:
         out[f"ablation_{name}"] = ablation_tables(attempts[name], grid["required_score"])
     if set(arms) != set(ARMS):
         return out  # a partial run (exploration): no ratios or goals
-    out["unet_calls_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["unet_calls_per_accepted"],
-                                                         out["algorithm1"]["unet_calls_per_accepted"])
-    out["unet_passes_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["unet_passes_per_accepted"],
-                                                          out["algorithm1"]["unet_passes_per_accepted"])
-    out["seconds_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["seconds_per_accepted"],
-                                                      out["algorithm1"]["seconds_per_accepted"])
-    c, a, s = (out[k]["acceptance_rate"] for k in ("cyclex_search", "algorithm1", "single_pass"))
-    out["goals"] = {
-        "cyclex_acceptance_ge_algorithm1": c >= a,
-        "cyclex_acceptance_ge_2x_single_pass": c >= 2 * s,
-        "cyclex_unet_calls_le_tenth_of_algorithm1": (out["unet_calls_ratio_cyclex_vs_algorithm1"] or 1.0) <= 0.1,
-        "cyclex_unet_passes_le_tenth_of_algorithm1": (out["unet_passes_ratio_cyclex_vs_algorithm1"] or 1.0) <= 0.1,
-    }
-    # Whole-run cost ratios (defined even when an arm accepts nothing).
-    out["unet_calls_total_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["unet_calls_total"],
-                                                               out["algorithm1"]["unet_calls_total"])
-    out["unet_passes_total_ratio_cyclex_vs_algorithm1"] = ratio(out["cyclex_search"]["unet_passes_total"],
-                                                                out["algorithm1"]["unet_passes_total"])
+    for arm, suffix in (("cyclex_search", ""), ("cyclex_search_sequential", "_sequential")):
+        for measure in ("unet_calls", "unet_passes", "seconds"):
+            out[f"{measure}_ratio_cyclex{suffix}_vs_algorithm1"] = ratio(out[arm][f"{measure}_per_accepted"],
+                                                                        out["algorithm1"][f"{measure}_per_accepted"])
+        # whole-run cost ratios (defined even when an arm accepts nothing)
+        for measure in ("unet_calls", "unet_passes"):
+            out[f"{measure}_total_ratio_cyclex{suffix}_vs_algorithm1"] = ratio(out[arm][f"{measure}_total"],
+                                                                              out["algorithm1"][f"{measure}_total"])
+    a, s = out["algorithm1"]["acceptance_rate"], out["single_pass"]["acceptance_rate"]
+    out["goals"] = {}
+    for arm, suffix in (("cyclex_search", ""), ("cyclex_search_sequential", "_sequential")):
+        c = out[arm]["acceptance_rate"]
+        out["goals"].update({
+            f"cyclex{suffix}_acceptance_ge_algorithm1": c >= a,
+            f"cyclex{suffix}_acceptance_ge_2x_single_pass": c >= 2 * s,
+            f"cyclex{suffix}_unet_calls_le_tenth_of_algorithm1":
+                (out[f"unet_calls_ratio_cyclex{suffix}_vs_algorithm1"] or 1.0) <= 0.1,
+            f"cyclex{suffix}_unet_passes_le_tenth_of_algorithm1":
+                (out[f"unet_passes_ratio_cyclex{suffix}_vs_algorithm1"] or 1.0) <= 0.1,
+        })
     out["gpu"] = None  # filled only when a session measured on a GPU machine
     return out
 
@@ -260,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "strengths": tuple(args.strengths), "guidances": tuple(args.guidances),
             "required_score": args.required_score}
     cyclex_grid = dict(grid)
-    if args.cyclex_null_settings:
-        cyclex_grid["null_settings"] = tuple(args.cyclex_null_settings)
+    cyclex_grid["null_settings"] = tuple(args.cyclex_null_settings or DEFAULT_NULL_SETTINGS)
     if args.guidance_batch_size:
         cyclex_grid["guidance_batch_size"] = args.guidance_batch_size
     result = run(world, args.steps, grid, cyclex_grid, tuple(args.arms))

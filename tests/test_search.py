@@ -102,6 +102,7 @@ class CycleOracle:
 
 
 def build(table, verified, **kwargs):
+    kwargs.setdefault("null_settings", ("default", "underfit"))  # the paper's H_null
     codes, events = SettingCodes(), []
     makers = {c: FakeMaker(c, codes, events) for c in ("best_l2", "best_l1")}
     scorer = TableScorer(codes, table)

@@ -62,6 +62,8 @@ from cyclex.explain.scores import CFThresholds
 logger = logging.getLogger(__name__)
 
 # Seed 000's success shares per setting value (share of the successful counterfactuals).
+# cyclex's default H_null: the optimisation-free negative-prompt inversion first, then the paper's two.
+DEFAULT_NULL_SETTINGS: tuple[str, ...] = ("negative-prompt", "default", "underfit")
 PAPER_SUCCESS_SHARES: dict[str, dict[Any, float]] = {
     "null_setting": {"default": 0.9, "underfit": 0.1},
     "checkpoint": {"best_l2": 0.83, "best_l1": 0.17},
@@ -196,7 +198,7 @@ class MetricGuidedSearch:
         makers: Mapping[str, Any] | Callable[[str, Any], Any],
         scorer: Any,
         cycle_check: CycleCheck,
-        null_settings: Sequence = ("default", "underfit"),
+        null_settings: Sequence = DEFAULT_NULL_SETTINGS,
         checkpoints: Sequence[str] = ("best_l2", "best_l1"),
         strengths: Sequence[float] = (1.0, 0.9, 0.8),
         guidances: Sequence[float] = (7, 8, 9, 10),

@@ -30,7 +30,13 @@ import torch
 from cyclex.atomic_io import write_json_atomic, write_text_atomic
 from cyclex.counterfactuals.base import CounterfactualMaker, CounterfactualOutput
 from cyclex.counterfactuals.inversion_cache import InversionCache, image_hash
-from cyclex.counterfactuals.search import CycleCheck, MetricGuidedSearch, SearchResult, ablation_tables
+from cyclex.counterfactuals.search import (
+    DEFAULT_NULL_SETTINGS,
+    CycleCheck,
+    MetricGuidedSearch,
+    SearchResult,
+    ablation_tables,
+)
 from cyclex.findings import StructuredPrompt
 
 logger = logging.getLogger(__name__)
@@ -100,7 +106,7 @@ class SearchingMaker(CounterfactualMaker):
         scorer: Any,
         *,
         cycle_check: CycleCheck | None = None,
-        null_settings: Sequence = ("default", "underfit"),
+        null_settings: Sequence = DEFAULT_NULL_SETTINGS,
         checkpoints: Sequence[str] | None = None,
         strengths: Sequence[float] = (1.0, 0.9, 0.8),
         guidances: Sequence[float] = (7, 8, 9, 10),
