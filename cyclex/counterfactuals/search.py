@@ -31,7 +31,9 @@ CLIP or LPIPS weights, so the demo scores with stand-ins and calibrates their th
    used for both the "CLIP" cosine / L1 / L2 and the FET; LPIPS: the `lpips` package's architecture
    on the same stand-in features when no backbone weights exist;
 2. calibration pairs: phantoms and their ground-truth counterfactuals, which the phantom generator
-   renders exactly (same seed, the finding removed) - something real data never offers;
+   renders exactly (same seed, the finding removed) - something real data never offers; the
+   counterfactual side passes through the demo SDs' VAE first (calibration version 2, see
+   `cyclex.demo.cf_thresholds`), since no counterfactual a tailored SD makes is sharper than that;
 3. `calibrate_thresholds(values)`: each faithfulness threshold is the quantile of the true pairs'
    values that admits `coverage` (default 90 %) of them (upper quantile for LPIPS and L2, lower for
    the cosine), the effectiveness thresholds (CPG, FET) the lower (1 - coverage) quantile, and CPG
