@@ -10,7 +10,7 @@ the cycle verified), over the same (checkpoint x strength x guidance) grid:
   (b) algorithm1: seed 000's Algorithm 1 as written (H_null = the paper's two NTI settings,
       re-inverting at each setting);
   (c) cyclex_search: `MetricGuidedSearch` with the library's defaults (H_null = negative-prompt
-      inversion first, then the two NTI settings; one inversion per null x checkpoint, guidance
+      and direct inversion first, then the two NTI settings; one inversion per null x checkpoint, guidance
       batches, paper order, first accepted, cheap metrics before the generator);
   (c') cyclex_search_sequential: the same with guidance_batch_size=1 (one guidance per UNet batch,
       stopping at the first accepted).

@@ -151,7 +151,7 @@ def explain(
     search_checkpoints: str = typer.Option("best_l2,best_l1", "--search-checkpoints", help="search: checkpoints"),
     search_strengths: str = typer.Option("1.0,0.9,0.8", "--search-strengths", help="search: denoising strengths"),
     search_guidances: str = typer.Option("7,8,9,10", "--search-guidances", help="search: guidance scales"),
-    null_settings: str = typer.Option("negative-prompt,default,underfit", "--null-settings",
+    null_settings: str = typer.Option("negative-prompt,direct,default,underfit", "--null-settings",
                                       help="search: null settings (negative-prompt, direct, default, underfit)"),
 ) -> None:
     """Remove each finding, make the counterfactual, regenerate, verify; write frames into a run folder."""

@@ -64,8 +64,9 @@ from cyclex.explain.scores import CFThresholds
 logger = logging.getLogger(__name__)
 
 # Seed 000's success shares per setting value (share of the successful counterfactuals).
-# cyclex's default H_null: the optimisation-free negative-prompt inversion first, then the paper's two.
-DEFAULT_NULL_SETTINGS: tuple[str, ...] = ("negative-prompt", "default", "underfit")
+# cyclex's default H_null: the optimisation-free inversions first (negative-prompt, then direct),
+# then the paper's two null-text settings.
+DEFAULT_NULL_SETTINGS: tuple[str, ...] = ("negative-prompt", "direct", "default", "underfit")
 PAPER_SUCCESS_SHARES: dict[str, dict[Any, float]] = {
     "null_setting": {"default": 0.9, "underfit": 0.1},
     "checkpoint": {"best_l2": 0.83, "best_l1": 0.17},
