@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,6 +180,11 @@ def test_run_folder_writes_the_reconstruction(tmp_path):
         signed = np.load(out / line["signed_npy"])
         y0, y1, x0, x1 = TEXTURE_BOX
         assert np.abs(signed[y0:y1, x0:x1]).max() < 1e-6  # R - CF, not I - CF
+    # the HTML report shows the reference beside the query
+    from cyclex.cycle.report_html import write_run_report
+
+    page = Path(write_run_report(out)).read_text()
+    assert page.count("reconstruction.png") >= len(lines) and "Reconstruction R" in page
     # resuming the folder with the other reference is refused by the settings check
     with pytest.raises(rf.RunFolderError, match="difference_reference"):
         rf.run_explainer(_explainer(reference="query"), records, out, batch_size=2, progress=False)
@@ -188,6 +194,7 @@ def test_run_folder_writes_the_reconstruction(tmp_path):
     assert not list(plain.rglob("reconstruction.png"))
     first = json.loads((plain / "results.jsonl").read_text().splitlines()[0])
     assert "reconstruction" not in first["files"] and first["difference_reference"] == "query"
+    assert "Reconstruction R" not in Path(write_run_report(plain)).read_text()
 
 
 def test_run_explain_passes_the_reference_through(tmp_path, monkeypatch):

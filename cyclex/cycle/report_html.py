@@ -54,8 +54,9 @@ REQUIRED_KEYS = ("image_id", "finding", "verified", "report_before", "report_aft
 # (key in the result line, caption) of the images shown per card, in order; optional ones may be null.
 ITEM_IMAGES = (
     ("query_png", "Query"),
+    ("reconstruction_png", "Reconstruction R (the maps' reference)"),
     ("counterfactual_png", "Counterfactual"),
-    ("difference_png", "Difference (query − CF)"),
+    ("difference_png", "Difference (reference − CF)"),
     ("frame_png", "Feature frame"),
     ("mask_png", "Ground-truth mask"),
     ("shortcut_mask_png", "Shortcut marker"),
