@@ -153,6 +153,9 @@ def explain(
     search_guidances: str = typer.Option("7,8,9,10", "--search-guidances", help="search: guidance scales"),
     null_settings: str = typer.Option("negative-prompt,direct,default,underfit", "--null-settings",
                                       help="search: null settings (negative-prompt, direct, default, underfit)"),
+    search_guidance_batch: int = typer.Option(0, "--search-guidance-batch", min=0,
+                                              help="search: guidances per UNet batch (0: all at once; 1: one by one, "
+                                              "stopping at the first accepted, fewest UNet evaluations)"),
 ) -> None:
     """Remove each finding, make the counterfactual, regenerate, verify; write frames into a run folder."""
     import logging
@@ -178,6 +181,7 @@ def explain(
 
             search_kwargs = search_kwargs_from_text(search_checkpoints, search_strengths, search_guidances,
                                                     null_settings, required_score)
+            search_kwargs["guidance_batch_size"] = search_guidance_batch or None
             scorer = search_scorer_from_specs(classifier, encoder, lpips, thresholds, demo=is_demo_generator(generator))
         summary = run_explain(
             load_generator(generator), tailored, images, out, labeler_spec=labeler, variant=variant,

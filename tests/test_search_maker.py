@@ -213,13 +213,14 @@ def test_cli_explain_variant_nti_search(tmp_path):
             "--labeler", "python:cycle_fakes:KeywordLabeler", "--variant", "nti", "--search",
             "--classifier", f"phantom:{tmp_path / 'clf'}", "--lpips", "stand-in", "--thresholds", str(thresholds),
             "--search-strengths", "1.0", "--search-guidances", "7,9", "--null-settings", "underfit",
-            "--required-score", "5"]
+            "--required-score", "5", "--search-guidance-batch", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [x["image_id"] for x in lines] == ["a"] and lines[0]["finding"] == "Cardiomegaly"
     details = lines[0]["maker_details"]
     assert details["variant"] == "nti+search" and details["search"]["checkpoints"] == ["best_l2", "best_l1"]
+    assert details["search"]["guidance_batch_size"] == 1  # --search-guidance-batch reached the search
     assert lines[0]["verified"] == details["accepted"] and details["thresholds"]["lpips"] == 1e9
     log = [json.loads(x) for x in (out / "search_attempts.jsonl").read_text().splitlines()]
     accepted_first = details["accepted"] and details["setting"]["checkpoint"] == "best_l2"
