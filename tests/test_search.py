@@ -311,3 +311,22 @@ def test_ablation_tables_count_failed_criteria():
               "failed": ["lpips"], "accepted": False}]]
     assert ablation_tables(logs, required_score=4)["failed_criteria"] == {"cpg": 1, "lpips": 2}
     assert ablation_tables(logs, required_score=4)["by_strength_guidance"]["delta=1|omega=8"]["score_passed"] == 1
+
+
+def test_gpu_cost_benchmark_logic_on_tiny_components(tmp_path):
+    """benchmarks/search_gpu.py --tiny: every figure measured, the CPU arms of the JSON kept."""
+    from benchmarks.search_gpu import main
+
+    out = tmp_path / "search.json"
+    out.write_text(json.dumps({"single_pass": {"acceptance_rate": 0.35}}))
+    assert main(["--tiny", "--steps", "2", "--repeats", "1", "--dtype", "float32", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["single_pass"] == {"acceptance_rate": 0.35}
+    gpu = results["gpu"]
+    assert gpu["steps"] == 2 and gpu["image_size"] == 64 and "tiny" in gpu["model"]
+    for key in ("ddim_seconds", "nti_seconds", "negative_prompt_seconds", "direct_seconds",
+                "search_seconds_per_finding_first_accepted", "search_seconds_per_finding_none_accepted"):
+        assert gpu[key] > 0, key
+    # nothing accepted: the search runs the whole grid, far more work than stopping at the first candidate
+    assert gpu["search_seconds_per_finding_none_accepted"] > 5 * gpu["search_seconds_per_finding_first_accepted"]

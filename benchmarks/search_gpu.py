@@ -1,0 +1,191 @@
+"""Per-counterfactual cost at Stable Diffusion 1.5 size (issue 7's GPU figures).
+
+    python -m benchmarks.search_gpu [--steps 50] [--dtype float16] [--repeats 3] [--out PATH] [--tiny]
+
+Builds an SD1.5-sized pipeline from configs, with random weights (nothing can be downloaded): the UNet
+of runwayml/stable-diffusion-v1-5 (4 levels 320..1280 channels, 2 layers per block, cross-attention
+768), its 4-level VAE (512 px images, 64 x 64 latents) and a CLIP ViT-L/14-sized text encoder. On the
+current device it measures, for one query and one removed finding, median of `--repeats` runs:
+- ddim_seconds: DDIM inversion + classifier-free-guided sampling (`DDIMCounterfactualMaker`), `--dtype`;
+- nti_seconds: null-text inversion (default null setting) + sampling, float32 (NTI needs fp32);
+- negative_prompt_seconds / direct_seconds: the optimisation-free inversions + sampling, float32;
+- search_seconds_per_finding_first_accepted / _none_accepted: cyclex's `MetricGuidedSearch` over the
+  issue's full grid (H_null = the library default, 2 checkpoints, delta {1.0, 0.9, 0.8}, omega
+  {7, 8, 9, 10}) when the first candidate is accepted and when none is, float32. Random weights
+  cannot make a real counterfactual, so acceptance is scripted there (a scorer answering a fixed
+  CF_Score, a cycle check answering a fixed verdict); the UNet work and its cost are real.
+The figures go under "gpu" in benchmarks/results/search.json (the device named), leaving the CPU
+arms there untouched. `--tiny` runs the same code on the tiny demo-size components (a logic check;
+its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cyclex.atomic_io import write_text_atomic
+from cyclex.findings import StructuredPrompt
+
+RESULTS = Path(__file__).parent / "results" / "search.json"
+FINDINGS = ("Cardiomegaly", "Pleural Effusion")
+
+
+def sd15_pipeline(dtype: torch.dtype, device: str):
+    """A StableDiffusionPipeline with SD1.5's architecture and random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cyclex.demo.tiny_sd import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(model_max_length=77)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(  # the library defaults are SD1.5's UNet except the text width
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def tiny_pipeline(dtype: torch.dtype, device: str):
+    from cyclex.demo.tiny_sd import tiny_sd_pipeline
+
+    return tiny_sd_pipeline().to(device=device, dtype=dtype)
+
+
+def timed(run: Callable[[], Any], device: str, repeats: int) -> float:
+    """Median wall seconds of `repeats` calls (CUDA synchronised), after one warm-up call."""
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    run()
+    sync()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+class ScriptedScorer:
+    """Every candidate gets the same CF_Score (random weights cannot score a counterfactual)."""
+
+    def __init__(self, score: int) -> None:
+        self.value = int(score)
+
+    def score(self, factual, counterfactuals, finding):
+        from cyclex.explain.scores import CounterfactualScore
+
+        names = ("lpips", "clip", "l2", "cpg", "fet")
+        passed = {name: i < self.value for i, name in enumerate(names)}
+        return [CounterfactualScore(score=self.value, passed=passed, failed=[k for k, v in passed.items() if not v],
+                                    values={}) for _ in range(counterfactuals.shape[0])]
+
+
+def measure(build: Callable[[torch.dtype, str], Any], device: str, dtype: torch.dtype, steps: int,
+            repeats: int) -> dict[str, Any]:
+    from cyclex.counterfactuals import create_maker
+    from cyclex.counterfactuals.ddim import DDIMCounterfactualMaker
+    from cyclex.counterfactuals.inversion_cache import InversionCache
+    from cyclex.counterfactuals.nti import NullTextInversionMaker
+    from cyclex.counterfactuals.search import MetricGuidedSearch
+
+    source = StructuredPrompt(FINDINGS).text
+    target = StructuredPrompt(FINDINGS).remove(FINDINGS[0]).text
+    out: dict[str, Any] = {"steps": steps, "dtype_ddim": str(dtype).removeprefix("torch."), "dtype_inversions": "float32"}
+
+    pipe = build(dtype, device)
+    size = pipe.vae.config.sample_size
+    torch.manual_seed(1)
+    image = torch.rand(1, 1, size, size)
+    out["image_size"] = int(size)
+    out["unet_parameters"] = sum(p.numel() for p in pipe.unet.parameters())
+    ddim = DDIMCounterfactualMaker(pipe, steps, 7.5, 1.0, cache_size=0)  # cache 0: every call inverts
+    out["ddim_seconds"] = timed(lambda: ddim.make(image, [source], [target]), device, repeats)
+    ddim = pipe = None  # free the low-precision copy before the fp32 one is built
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+    pipe = build(torch.float32, device)  # the inversions optimise / accumulate offsets in fp32
+
+    def fresh(name: str) -> Callable[[], Any]:
+        def run():
+            maker = create_maker(name, pipe, num_inference_steps=steps, guidance_scale=7.5, strength=1.0,
+                                 cache=InversionCache())
+            return maker.make(image, [source], [target])
+        return run
+
+    out["nti_seconds"] = timed(fresh("nti"), device, repeats)
+    out["negative_prompt_seconds"] = timed(fresh("negative-prompt"), device, repeats)
+    out["direct_seconds"] = timed(fresh("direct"), device, repeats)
+
+    def search(accept: bool) -> Callable[[], Any]:
+        def run():
+            cache = InversionCache()
+            makers = {c: NullTextInversionMaker(pipe, steps, 7.5, checkpoint=c, cache=cache, inversion_guidance=7.0)
+                      for c in ("best_l2", "best_l1")}
+            engine = MetricGuidedSearch(makers, ScriptedScorer(5 if accept else 0),
+                                        lambda images, findings: [accept] * len(findings))
+            return engine.search(image[0], source, target, FINDINGS[0])
+        return run
+
+    out["search_seconds_per_finding_first_accepted"] = timed(search(True), device, repeats)
+    out["search_seconds_per_finding_none_accepted"] = timed(search(False), device, max(1, repeats // 3))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny components (logic check, numbers mean nothing)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.tiny and not device.startswith("cuda"):
+        parser.error("an SD1.5-sized run needs a GPU (pass --tiny for a CPU logic check)")
+    figures = measure(tiny_pipeline if args.tiny else sd15_pipeline, device, getattr(torch, args.dtype),
+                      args.steps, max(1, args.repeats))
+    figures.update({
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
+        "model": "tiny demo-size components (logic check)" if args.tiny else "SD1.5 architecture, random weights",
+        "torch": torch.__version__,
+    })
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results["gpu"] = figures
+    write_text_atomic(args.out, json.dumps(results, indent=2, default=str))
+    print(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
