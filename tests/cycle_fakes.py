@@ -4,6 +4,7 @@ a keyword labeler and a maker that paints known regions (shared by test_cycle an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -105,3 +106,15 @@ def query(heart=0.9, effusion=0.1, edema=0.1, background=0.2) -> torch.Tensor:
         y0, y1, x0, x1 = box
         image[0, y0:y1, x0:x1] = value
     return image
+
+
+def write_tiny_tailored(folder: Path) -> Path:
+    """A tailored SD folder (`load_tailored_pipeline` reads it) of the tiny random demo-size pipeline."""
+    import json
+
+    from cyclex.demo.tiny_sd import tiny_sd_pipeline
+
+    tiny_sd_pipeline().save_pretrained(folder)
+    (folder / "cyclex_tailored.json").write_text(json.dumps(
+        {"vocabulary": [], "prompt_template": "cvlm", "sample_size": 64, "uncertain_as_present": True}))
+    return folder

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cycle_fakes import SIZE, KeywordLabeler, PaintingMaker, brightness_generator, query
+from cycle_fakes import SIZE, KeywordLabeler, PaintingMaker, brightness_generator, query, write_tiny_tailored
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -277,13 +277,8 @@ def test_demo_passes_the_reference_through(tmp_path, monkeypatch):
 
 
 def test_cli_explain_with_reconstruction_on_a_tiny_tailored_sd(tmp_path):
-    from cyclex.demo.tiny_sd import tiny_sd_pipeline
-
     records = _records(tmp_path / "in")
-    tailored = tmp_path / "sd"
-    tiny_sd_pipeline().save_pretrained(tailored)
-    (tailored / "cyclex_tailored.json").write_text(json.dumps(
-        {"vocabulary": [], "prompt_template": "cvlm", "sample_size": 64, "uncertain_as_present": True}))
+    tailored = write_tiny_tailored(tmp_path / "sd")
     out = tmp_path / "run"
     args = ["explain", "--generator", "python:cycle_fakes:brightness_reports", "--tailored", str(tailored),
             "--images", str(tmp_path / "in"), "--out", str(out), "--steps", "2", "--guidance", "5",

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from cycle_fakes import HEART, KeywordLabeler, PaintingMaker, brightness_generator, query
+from cycle_fakes import HEART, KeywordLabeler, PaintingMaker, brightness_generator, query, write_tiny_tailored
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -147,14 +147,9 @@ def test_load_image_records_from_folder_and_csv(tmp_path):
 
 
 def test_cli_explain_on_a_tiny_tailored_sd(tmp_path):
-    from cyclex.demo.tiny_sd import tiny_sd_pipeline
-
     _write_inputs(tmp_path / "in")
     (tmp_path / "in" / "a__cardiomegaly.png").unlink()
-    tailored = tmp_path / "sd"
-    tiny_sd_pipeline().save_pretrained(tailored)
-    (tailored / "cyclex_tailored.json").write_text(json.dumps(
-        {"vocabulary": [], "prompt_template": "cvlm", "sample_size": 64, "uncertain_as_present": True}))
+    tailored = write_tiny_tailored(tmp_path / "sd")
     out = tmp_path / "run"
     args = ["explain", "--generator", "python:cycle_fakes:brightness_reports", "--tailored", str(tailored),
             "--images", str(tmp_path / "in"), "--out", str(out), "--steps", "2", "--guidance", "5",

@@ -67,6 +67,10 @@ logger = logging.getLogger(__name__)
 # cyclex's default H_null: the optimisation-free inversions first (negative-prompt, then direct),
 # then the paper's two null-text settings.
 DEFAULT_NULL_SETTINGS: tuple[str, ...] = ("negative-prompt", "direct", "default", "underfit")
+# The rest of seed 000's grid.
+DEFAULT_CHECKPOINTS: tuple[str, ...] = ("best_l2", "best_l1")
+DEFAULT_STRENGTHS: tuple[float, ...] = (1.0, 0.9, 0.8)
+DEFAULT_GUIDANCES: tuple[float, ...] = (7, 8, 9, 10)
 PAPER_SUCCESS_SHARES: dict[str, dict[Any, float]] = {
     "null_setting": {"default": 0.9, "underfit": 0.1},
     "checkpoint": {"best_l2": 0.83, "best_l1": 0.17},
@@ -202,9 +206,9 @@ class MetricGuidedSearch:
         scorer: Any,
         cycle_check: CycleCheck,
         null_settings: Sequence = DEFAULT_NULL_SETTINGS,
-        checkpoints: Sequence[str] = ("best_l2", "best_l1"),
-        strengths: Sequence[float] = (1.0, 0.9, 0.8),
-        guidances: Sequence[float] = (7, 8, 9, 10),
+        checkpoints: Sequence[str] = DEFAULT_CHECKPOINTS,
+        strengths: Sequence[float] = DEFAULT_STRENGTHS,
+        guidances: Sequence[float] = DEFAULT_GUIDANCES,
         required_score: int = 5,
         order_by_paper_shares: bool = True,
         log_path: str | Path | None = None,
@@ -423,9 +427,9 @@ def algorithm1_search(
     target_prompt: str,
     finding: str,
     null_settings: Sequence = ("default", "underfit"),
-    checkpoints: Sequence[str] = ("best_l2", "best_l1"),
-    strengths: Sequence[float] = (1.0, 0.9, 0.8),
-    guidances: Sequence[float] = (7, 8, 9, 10),
+    checkpoints: Sequence[str] = DEFAULT_CHECKPOINTS,
+    strengths: Sequence[float] = DEFAULT_STRENGTHS,
+    guidances: Sequence[float] = DEFAULT_GUIDANCES,
     required_score: int = 5,
 ) -> SearchResult:
     """Seed 000's Algorithm 1 as written: loops H_null, checkpoint, delta, omega in the given order,

@@ -31,7 +31,10 @@ from cyclex.atomic_io import write_json_atomic, write_text_atomic
 from cyclex.counterfactuals.base import CounterfactualMaker, CounterfactualOutput
 from cyclex.counterfactuals.inversion_cache import InversionCache, image_hash
 from cyclex.counterfactuals.search import (
+    DEFAULT_CHECKPOINTS,
+    DEFAULT_GUIDANCES,
     DEFAULT_NULL_SETTINGS,
+    DEFAULT_STRENGTHS,
     CycleCheck,
     MetricGuidedSearch,
     SearchResult,
@@ -43,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 ATTEMPTS_NAME = "search_attempts.jsonl"
 ABLATION_NAME = "search_ablation.json"
-DEFAULT_CHECKPOINTS = ("best_l2", "best_l1")
 
 
 def generator_cycle_check(generator, labeler, uncertain_as_present: bool = True) -> CycleCheck:
@@ -108,8 +110,8 @@ class SearchingMaker(CounterfactualMaker):
         cycle_check: CycleCheck | None = None,
         null_settings: Sequence = DEFAULT_NULL_SETTINGS,
         checkpoints: Sequence[str] | None = None,
-        strengths: Sequence[float] = (1.0, 0.9, 0.8),
-        guidances: Sequence[float] = (7, 8, 9, 10),
+        strengths: Sequence[float] = DEFAULT_STRENGTHS,
+        guidances: Sequence[float] = DEFAULT_GUIDANCES,
         required_score: int = 5,
         order_by_paper_shares: bool = True,
         log_path: str | Path | None = None,
@@ -166,7 +168,7 @@ class SearchingMaker(CounterfactualMaker):
         factory = get_maker_factory(variant)
         kwargs = dict(maker_kwargs or {})
         cache = cache if cache is not None else InversionCache()
-        guidances = search_kwargs.get("guidances", (7, 8, 9, 10))
+        guidances = search_kwargs.get("guidances", DEFAULT_GUIDANCES)
         folder = Path(tailored_dir).resolve()
         makers, pipes = {}, {}
         for checkpoint in checkpoints:
