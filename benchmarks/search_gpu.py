@@ -1,6 +1,6 @@
 """Per-counterfactual cost at Stable Diffusion 1.5 size (issue 7's GPU figures).
 
-    python -m benchmarks.search_gpu [--steps 50] [--dtype float16] [--repeats 3] [--out PATH] [--tiny]
+    python -m benchmarks.search_gpu [--steps 50] [--dtype float16] [--repeats 3] [--only ddim,nti,...] [--out PATH] [--tiny]
 
 Builds an SD1.5-sized pipeline from configs, with random weights (nothing can be downloaded): the UNet
 of runwayml/stable-diffusion-v1-5 (4 levels 320..1280 channels, 2 layers per block, cross-attention
@@ -77,14 +77,19 @@ def tiny_pipeline(dtype: torch.dtype, device: str):
     return tiny_sd_pipeline().to(device=device, dtype=dtype)
 
 
-def timed(run: Callable[[], Any], device: str, repeats: int) -> float:
-    """Median wall seconds of `repeats` calls (CUDA synchronised), after one warm-up call."""
+def timed(run: Callable[[], Any], device: str, repeats: int, warm_up: bool = True) -> float:
+    """Median wall seconds of `repeats` calls (CUDA synchronised), after one warm-up call when asked.
+
+    The costly runs (NTI, the search) skip the warm-up: the cheaper runs before them on the same
+    pipeline have already loaded and tuned every kernel they use.
+    """
     def sync() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    run()
-    sync()
+    if warm_up:
+        run()
+        sync()
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -109,8 +114,12 @@ class ScriptedScorer:
                                     values={}) for _ in range(counterfactuals.shape[0])]
 
 
+MEASUREMENTS = ("ddim", "negative_prompt", "direct", "nti", "search_first_accepted", "search_none_accepted")
+
+
 def measure(build: Callable[[torch.dtype, str], Any], device: str, dtype: torch.dtype, steps: int,
-            repeats: int) -> dict[str, Any]:
+            repeats: int, record: Callable[[str, Any], None], only: tuple[str, ...] = MEASUREMENTS) -> None:
+    """Measure each of `only` in turn and `record(key, value)` it at once (a long run keeps what it finished)."""
     from cyclex.counterfactuals import create_maker
     from cyclex.counterfactuals.ddim import DDIMCounterfactualMaker
     from cyclex.counterfactuals.inversion_cache import InversionCache
@@ -119,17 +128,20 @@ def measure(build: Callable[[torch.dtype, str], Any], device: str, dtype: torch.
 
     source = StructuredPrompt(FINDINGS).text
     target = StructuredPrompt(FINDINGS).remove(FINDINGS[0]).text
-    out: dict[str, Any] = {"steps": steps, "dtype_ddim": str(dtype).removeprefix("torch."), "dtype_inversions": "float32"}
+    record("dtype_ddim", str(dtype).removeprefix("torch."))
+    record("dtype_inversions", "float32")
 
     pipe = build(dtype, device)
     size = pipe.vae.config.sample_size
     torch.manual_seed(1)
     image = torch.rand(1, 1, size, size)
-    out["image_size"] = int(size)
-    out["unet_parameters"] = sum(p.numel() for p in pipe.unet.parameters())
-    ddim = DDIMCounterfactualMaker(pipe, steps, 7.5, 1.0, cache_size=0)  # cache 0: every call inverts
-    out["ddim_seconds"] = timed(lambda: ddim.make(image, [source], [target]), device, repeats)
-    ddim = pipe = None  # free the low-precision copy before the fp32 one is built
+    record("image_size", int(size))
+    record("unet_parameters", sum(p.numel() for p in pipe.unet.parameters()))
+    if "ddim" in only:
+        ddim = DDIMCounterfactualMaker(pipe, steps, 7.5, 1.0, cache_size=0)  # cache 0: every call inverts
+        record("ddim_seconds", timed(lambda: ddim.make(image, [source], [target]), device, repeats))
+        ddim = None
+    pipe = None  # free the low-precision copy before the fp32 one is built
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
@@ -142,9 +154,11 @@ def measure(build: Callable[[torch.dtype, str], Any], device: str, dtype: torch.
             return maker.make(image, [source], [target])
         return run
 
-    out["nti_seconds"] = timed(fresh("nti"), device, repeats)
-    out["negative_prompt_seconds"] = timed(fresh("negative-prompt"), device, repeats)
-    out["direct_seconds"] = timed(fresh("direct"), device, repeats)
+    warmed = False
+    for name in ("negative_prompt", "direct", "nti"):  # cheapest first: it warms the fp32 kernels up
+        if name in only:
+            record(f"{name}_seconds", timed(fresh(name.replace("_", "-")), device, repeats, warm_up=not warmed))
+            warmed = True
 
     def search(accept: bool) -> Callable[[], Any]:
         def run():
@@ -153,12 +167,20 @@ def measure(build: Callable[[torch.dtype, str], Any], device: str, dtype: torch.
                       for c in ("best_l2", "best_l1")}
             engine = MetricGuidedSearch(makers, ScriptedScorer(5 if accept else 0),
                                         lambda images, findings: [accept] * len(findings))
-            return engine.search(image[0], source, target, FINDINGS[0])
+            result = engine.search(image[0], source, target, FINDINGS[0])
+            record(f"search_unet_calls_per_finding_{'first' if accept else 'none'}_accepted", result.unet_calls)
+            return result
         return run
 
-    out["search_seconds_per_finding_first_accepted"] = timed(search(True), device, repeats)
-    out["search_seconds_per_finding_none_accepted"] = timed(search(False), device, max(1, repeats // 3))
-    return out
+    if not warmed and any(name.startswith("search") for name in only):
+        fresh("negative-prompt")()  # a search-only run: warm the fp32 kernels up on a cheap inversion
+        warmed = True
+    if "search_first_accepted" in only:
+        record("search_seconds_per_finding_first_accepted", timed(search(True), device, repeats, warm_up=not warmed))
+        warmed = True
+    if "search_none_accepted" in only:  # the whole grid: one run is minutes at SD1.5 size
+        record("search_seconds_per_finding_none_accepted",
+               timed(search(False), device, max(1, repeats // 3), warm_up=not warmed))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,20 +191,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny components (logic check, numbers mean nothing)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated subset of {','.join(MEASUREMENTS)} (default: all); "
+                             "figures of earlier runs on the same device and model are kept")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not args.tiny and not device.startswith("cuda"):
         parser.error("an SD1.5-sized run needs a GPU (pass --tiny for a CPU logic check)")
-    figures = measure(tiny_pipeline if args.tiny else sd15_pipeline, device, getattr(torch, args.dtype),
-                      args.steps, max(1, args.repeats))
-    figures.update({
+    model = "tiny demo-size components (logic check)" if args.tiny else "SD1.5 architecture, random weights"
+    identity = {
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
-        "model": "tiny demo-size components (logic check)" if args.tiny else "SD1.5 architecture, random weights",
+        "model": model,
         "torch": torch.__version__,
-    })
+        "steps": args.steps,
+    }
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results["gpu"] = figures
-    write_text_atomic(args.out, json.dumps(results, indent=2, default=str))
+    previous = results.get("gpu") or {}
+    # a partial run (--only) adds to figures of the same device and model, never mixes two machines
+    figures = dict(previous) if all(previous.get(k) == v for k, v in identity.items()) else {}
+    figures.update(identity)
+
+    def record(key: str, value: Any) -> None:
+        figures[key] = value
+        results["gpu"] = figures
+        write_text_atomic(args.out, json.dumps(results, indent=2, default=str))
+        print(f"{key}: {value}", flush=True)
+
+    only = tuple(name.strip() for name in args.only.split(",")) if args.only else MEASUREMENTS
+    unknown = sorted(set(only) - set(MEASUREMENTS))
+    if unknown:
+        parser.error(f"--only: unknown measurement(s) {unknown}; expected some of {', '.join(MEASUREMENTS)}")
+    measure(tiny_pipeline if args.tiny else sd15_pipeline, device, getattr(torch, args.dtype),
+            args.steps, max(1, args.repeats), record, only)
     print(json.dumps(figures, indent=2))
     return 0
 
