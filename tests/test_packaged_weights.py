@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -27,6 +28,7 @@ def _fake_tailored(folder):
 
 def test_pack_then_install_round_trips_inference_files_only(tmp_path, monkeypatch):
     monkeypatch.setattr(packaged, "ASSETS", {"tailored/clean": "selection.json"})
+    monkeypatch.setattr(packaged, "FILES", ())
     cache, shipped, fresh = tmp_path / "cache", tmp_path / "shipped", tmp_path / "fresh"
     expected = _fake_tailored(cache / "tailored/clean")
     packaged.package_assets(cache, shipped)
@@ -48,6 +50,7 @@ def test_pack_then_install_round_trips_inference_files_only(tmp_path, monkeypatc
 
 def test_unreferenced_checkpoints_are_not_shipped(tmp_path, monkeypatch):
     monkeypatch.setattr(packaged, "ASSETS", {"tailored/clean": "selection.json"})
+    monkeypatch.setattr(packaged, "FILES", ())
     folder = tmp_path / "cache/tailored/clean"
     _fake_tailored(folder)
     (folder / "selection.json").write_text(json.dumps({"best_psnr": "checkpoints/checkpoint-000200"}))
@@ -55,3 +58,58 @@ def test_unreferenced_checkpoints_are_not_shipped(tmp_path, monkeypatch):
     shipped = tmp_path / "shipped/tailored/clean"
     assert not (shipped / "checkpoints/checkpoint-000100").exists()
     assert len(list(shipped.rglob("*.safetensors"))) == 1
+
+
+def test_single_files_are_shipped_and_installed_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(packaged, "ASSETS", {})
+    cache, shipped, fresh = tmp_path / "cache", tmp_path / "shipped", tmp_path / "fresh"
+    cache.mkdir()
+    with pytest.raises(FileNotFoundError, match="cf_thresholds.json"):
+        packaged.package_assets(cache, shipped)
+    (cache / "cf_thresholds.json").write_text('{"thresholds": {"lpips": 0.5}}')
+    assert packaged.package_assets(cache, shipped) == {"cf_thresholds.json": len('{"thresholds": {"lpips": 0.5}}')}
+    assert packaged.install_packaged_assets(fresh, shipped) == ["cf_thresholds.json"]
+    assert (fresh / "cf_thresholds.json").read_text() == '{"thresholds": {"lpips": 0.5}}'
+    (fresh / "cf_thresholds.json").write_text("{}")  # a cached file is never overwritten
+    assert packaged.install_packaged_assets(fresh, shipped) == []
+    assert (fresh / "cf_thresholds.json").read_text() == "{}"
+
+
+def test_fresh_machine_scores_with_the_shipped_thresholds(tmp_path, monkeypatch):
+    """No recalibration on a fresh machine: the demo path gets the shipped file, value for value."""
+    from cyclex.counterfactuals.search import load_thresholds
+    from cyclex.demo import cf_thresholds
+
+    monkeypatch.setenv("CYCLEX_HOME", str(tmp_path))
+    monkeypatch.setattr(packaged, "ASSETS", {})  # only the single files: no model copying in this test
+    shipped = packaged.PACKAGED_DIR / "cf_thresholds.json"
+    expected = json.loads(shipped.read_text())["thresholds"]
+    # scorer None: a recalibration would fail, so passing proves the shipped file was read
+    thresholds = cf_thresholds.thresholds_for(None, cf_thresholds.demo_thresholds_path())
+    assert vars(thresholds) == expected
+    assert load_thresholds(tmp_path / "demo" / "cf_thresholds.json") == thresholds
+    assert json.loads(shipped.read_text())["provenance"]["version"] == cf_thresholds.CALIBRATION_VERSION
+
+
+def test_calibration_autoencoder_falls_back_to_the_tailored_vae(tmp_path, monkeypatch):
+    """Without a built base SD (a fresh machine) the VAE round trip comes from the tailored SD."""
+    from cycle_fakes import write_tiny_tailored
+
+    from cyclex.demo import cf_thresholds
+
+    monkeypatch.setenv("CYCLEX_HOME", str(tmp_path))
+    assert cf_thresholds.demo_autoencoder() is None  # nothing cached at all
+    folder = write_tiny_tailored(tmp_path / "demo" / "tailored" / "clean")
+    round_trip = cf_thresholds.demo_autoencoder()
+    assert round_trip is not None
+    torch.manual_seed(0)
+    images = torch.rand(2, 1, 64, 64)
+    out = round_trip(images)
+    assert out.shape == images.shape and 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+
+    from cyclex.counterfactuals.diffusion import LatentDiffusion
+    from cyclex.tailored_training import load_tailored_pipeline
+
+    direct = LatentDiffusion(load_tailored_pipeline(folder, dtype=torch.float32), num_inference_steps=1)
+    with torch.no_grad():
+        torch.testing.assert_close(out, direct.decode_latents(direct.encode_images(images)).cpu())

@@ -4,7 +4,9 @@ The procedure is documented in `cyclex.counterfactuals.search` (module doc): the
 (phantom classifier as encoder and classifier, `StandInLPIPS` on its convolutions) scores true
 counterfactual pairs (a phantom and the same phantom rendered without one finding), and
 `calibrate_thresholds` keeps the quantiles admitting `COVERAGE` of them. The result is written to
-`$CYCLEX_HOME/demo/cf_thresholds.json` (with seeds, n and coverage) and read back by later runs.
+`$CYCLEX_HOME/demo/cf_thresholds.json` (with seeds, n and coverage) and read back by later runs;
+`scripts/package_demo_weights.py` ships that file with the demo weights, and a fresh machine installs
+it instead of recalibrating.
 
 Version 2 (`CALIBRATION_VERSION`): the counterfactual of each pair goes through the demo SDs' VAE
 (encode, decode) first, when the demo base SD is built. Every counterfactual a tailored SD makes is a
@@ -44,19 +46,22 @@ def demo_thresholds_path() -> Path:
 
 
 def demo_autoencoder() -> Autoencoder | None:
-    """The demo SDs' VAE round trip ((B, 1, H, W) -> same, in [0, 1]), None when the base SD is not built.
+    """The demo SDs' VAE round trip ((B, 1, H, W) -> same, in [0, 1]); None when no demo SD is cached.
 
-    Every demo tailored SD keeps the base SD's VAE (tailored training updates the UNet only).
+    Read from the demo base SD when it was built here, else from the cached `clean` tailored SD (as
+    installed from the shipped weights on a fresh machine): every demo tailored SD keeps the base
+    SD's VAE (tailored training updates the UNet only).
     """
-    from cyclex.demo.base_sd import demo_base_sd_dir
+    from cyclex.demo.base_sd import demo_base_sd_dir, demo_tailored_dir
 
-    base = demo_base_sd_dir()
-    if not (base / "model_index.json").is_file():
+    source = next((folder for folder in (demo_base_sd_dir(), demo_tailored_dir("clean"))
+                   if (folder / "model_index.json").is_file()), None)
+    if source is None:
         return None
     from cyclex.counterfactuals.diffusion import LatentDiffusion
     from cyclex.tailored_training import load_tailored_pipeline
 
-    latent_diffusion = LatentDiffusion(load_tailored_pipeline(base, dtype=torch.float32), num_inference_steps=1)
+    latent_diffusion = LatentDiffusion(load_tailored_pipeline(source, dtype=torch.float32), num_inference_steps=1)
 
     def round_trip(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -107,10 +112,17 @@ def thresholds_for(scorer: CounterfactualScorer, path: str | Path | None,
                    autoencoder: Autoencoder | None = None) -> CFThresholds:
     """Read the stored calibration at `path`, or calibrate once with `scorer` and store it there.
 
+    At the demo's own path (`demo_thresholds_path()`) a missing file is first installed from the
+    shipped weights (`cyclex/demo/weights/cf_thresholds.json`), so a fresh machine does not recalibrate.
+
     A stored file of an older calibration version is recalibrated. autoencoder: the VAE round trip
     counterfactuals pass through (version 2); None: `demo_autoencoder()` when the demo base SD exists.
     """
     path = Path(path) if path is not None else None
+    if path is not None and not path.is_file() and path == demo_thresholds_path():
+        from cyclex.demo.packaged import install_packaged_assets
+
+        install_packaged_assets()  # the shipped calibration: the same thresholds on every machine
     if path is not None and path.is_file() and _stored_version(path) == CALIBRATION_VERSION:
         return load_thresholds(path)
     if autoencoder is None:

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from cyclex.atomic_io import write_bytes_atomic
 from cyclex.demo.cache import demo_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,10 @@ ASSETS: dict[str, str] = {
     "tailored/shortcut": "selection.json",
     "classifier": "config.json",
 }
+# Single files shipped beside the models. The demo's calibrated CF_Score thresholds: shipped so that
+# every machine scores with the numbers the benchmarks used (recalibrating on the float16-rounded
+# shipped VAE, or on another device, would give slightly different ones).
+FILES: tuple[str, ...] = ("cf_thresholds.json",)
 # Training-only content that inference never reads.
 _SKIP_DIRS = {"dataset", "phantoms", "logs", "unet_train"}
 _SKIP_FILES = {"optimizer.bin", "scheduler.bin"}
@@ -117,11 +122,18 @@ def package_assets(cache: Path | None = None, out: Path = PACKAGED_DIR) -> dict[
             shutil.rmtree(dst)
         _copy_folder(src, dst, torch.float16, dedupe=True)
         sizes[name] = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
+    for name in FILES:
+        if not (cache / name).is_file():
+            raise FileNotFoundError(f"demo file {name} is missing from {cache}; make it first (the demo search "
+                                    "scorer writes cf_thresholds.json: `python -m benchmarks.search`)")
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(cache / name, out / name)
+        sizes[name] = (out / name).stat().st_size
     return sizes
 
 
 def install_packaged_assets(cache: Path | None = None, packaged: Path | None = None) -> list[str]:
-    """Copy shipped demo models that are missing from the cache into it (float32); returns their names."""
+    """Copy shipped demo models (float32) and files that are missing from the cache into it; returns their names."""
     import torch
 
     cache = cache or demo_cache_dir()
@@ -139,4 +151,10 @@ def install_packaged_assets(cache: Path | None = None, packaged: Path | None = N
         os.replace(staging, dst)  # atomic: a crash never leaves a half-copied asset behind
         installed.append(name)
         logger.info("installed shipped demo model %s into %s", name, dst)
+    for name in FILES:
+        src, dst = packaged / name, cache / name
+        if dst.is_file() or not src.is_file():
+            continue
+        write_bytes_atomic(dst, src.read_bytes())
+        installed.append(name)
     return installed
