@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+ATTENTION_CONTROL_VARIANTS = ("nti", "negative-prompt", "direct")  # the makers with P2P processors
+
 app = typer.Typer(help="cyclex: cyclic counterfactual explanations for chest X-ray report generators.",
                   no_args_is_help=True, add_completion=False)
 
@@ -153,6 +155,12 @@ def explain(
     search_guidances: str = typer.Option("7,8,9,10", "--search-guidances", help="search: guidance scales"),
     null_settings: str = typer.Option("negative-prompt,direct,default,underfit", "--null-settings",
                                       help="search: null settings (negative-prompt, direct, default, underfit)"),
+    attention_control: str = typer.Option("none", "--attention-control",
+                                          help="prompt-to-prompt attention control of the edit: none | refine | replace "
+                                          "| reweight (variants nti, negative-prompt, direct)"),
+    local_blend: bool = typer.Option(True, "--local-blend/--no-local-blend",
+                                     help="with --attention-control: keep the latent outside the removed finding's "
+                                     "cross-attention region (P2P LocalBlend)"),
     search_guidance_batch: int = typer.Option(0, "--search-guidance-batch", min=0,
                                               help="search: guidances per UNet batch (0: all at once; 1: one by one, "
                                               "stopping at the first accepted, fewest UNet evaluations)"),
@@ -183,8 +191,16 @@ def explain(
                                                     null_settings, required_score)
             search_kwargs["guidance_batch_size"] = search_guidance_batch or None
             scorer = search_scorer_from_specs(classifier, encoder, lpips, thresholds, demo=is_demo_generator(generator))
+        maker_kwargs = {}
+        if attention_control != "none":
+            from cyclex.counterfactuals.attention_control import AttentionControlConfig
+
+            if variant not in ATTENTION_CONTROL_VARIANTS:
+                raise ValueError(f"--attention-control needs --variant {' | '.join(ATTENTION_CONTROL_VARIANTS)}, "
+                                 f"got --variant {variant}")
+            maker_kwargs["attention_control"] = AttentionControlConfig(mode=attention_control, local_blend=local_blend)
         summary = run_explain(
-            load_generator(generator), tailored, images, out, labeler_spec=labeler, variant=variant,
+            load_generator(generator), tailored, images, out, labeler_spec=labeler, variant=variant, maker_kwargs=maker_kwargs,
             checkpoint=checkpoint, steps=steps, guidance=guidance, strength=strength, findings=names or None,
             batch_size=batch_size, image_size=image_size, frame_threshold=threshold, frame_normalize=frame_normalize,
             estimate_chest_boxes=estimate_chest_box, overwrite=overwrite, device=device, generator_spec=generator,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +147,35 @@ def test_maker_with_prompt_to_prompt_keeps_identity_and_restores_processors(part
     out = controlled.make(images, [SOURCE], [TARGET])
     assert out.images.shape == (1, 1, 64, 64)
     assert all(pipe.unet.attn_processors[k] is original[k] for k in original)
+
+
+def test_cli_explain_with_attention_control_on_a_tiny_tailored_sd(tmp_path):
+    """--attention-control reaches the maker (its settings land in the run), and is refused for ddim."""
+    import json
+
+    from cycle_fakes import write_tiny_tailored
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cyclex.cli import app
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for i, level in enumerate((0.3, 0.8)):
+        Image.fromarray(np.full((64, 64), int(level * 255), np.uint8)).save(images / f"img{i}.png")
+    tailored = write_tiny_tailored(tmp_path / "sd")
+    base = ["explain", "--generator", "python:cycle_fakes:brightness_reports", "--tailored", str(tailored),
+            "--images", str(images), "--steps", "2", "--guidance", "5",
+            "--labeler", "python:cycle_fakes:KeywordLabeler", "--findings", "Cardiomegaly"]
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "run"), "--variant", "negative-prompt",
+                                      "--attention-control", "refine", "--no-local-blend"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert lines, "the bright image has Cardiomegaly: one item"
+    control = lines[0]["maker_details"]["attention_control"]
+    assert control["mode"] == "refine" and control["local_blend"] is False
+    refused = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "run2"), "--attention-control", "refine"])
+    assert refused.exit_code == 1 and "--attention-control needs --variant" in refused.output
+    bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "run3"), "--variant", "direct",
+                                   "--attention-control", "swap"])
+    assert bad.exit_code == 1 and "mode" in bad.output
