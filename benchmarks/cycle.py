@@ -2,7 +2,8 @@
 
 `python -m benchmarks.cycle [--n 200] [--steps 50]` writes benchmarks/results/cycle.json:
 per demo generator the Cyclic Rate overall and per finding, the mean pixel ROC-AUC of the
-positive difference map max(I - CF, 0) against the true finding mask (inside the chest box), the
+positive difference map max(I - CF, 0) against the true finding mask (inside the chest box; over
+all items and over the verified ones, the maps cyclex keeps), the
 share of Cardiomegaly frames whose largest component overlaps the shortcut marker, the Cyclic Rate
 counting only removals that changed no other finding, and the time `cyclex demo` takes with its
 models cached (with the demo's own settings).
@@ -33,14 +34,19 @@ BENCH_SEED = 7_331  # held out from training and from the demo's query set
 DEFAULT_ALTERNATIVES = ("ddim:reconstruction", "negative-prompt:query", "direct:query", "direct:reconstruction")
 
 
-def pixel_aucs(run: Path, chest_boxes: dict[str, list[int] | None]) -> dict[str, list[float]]:
-    """Pixel ROC-AUC of each item's positive difference map against its true mask, per finding."""
+def pixel_aucs(run: Path, chest_boxes: dict[str, list[int] | None], verified_only: bool = False) -> dict[str, list[float]]:
+    """Pixel ROC-AUC of each item's positive difference map against its true mask, per finding.
+
+    verified_only: only the items whose cycle was verified (the counterfactuals cyclex keeps as evidence).
+    """
     from cyclex.explain.alignment import pixel_roc_auc
 
     per_finding: dict[str, list[float]] = {}
     for line in (json.loads(x) for x in (run / "results.jsonl").read_text().splitlines() if x.strip()):
         if not line.get("mask_png"):
             continue  # the generator reported a finding the phantom does not have: no truth to compare
+        if verified_only and not line["verified"]:
+            continue
         mask = cv2.imread(str(run / line["mask_png"]), cv2.IMREAD_GRAYSCALE) > 0
         positive = np.load(run / line["positive_npy"])
         auc = pixel_roc_auc(positive, mask, chest_box=chest_boxes.get(line["image_id"]))
@@ -78,6 +84,7 @@ def measure(variant: str, difference_reference: str, records: list, chest_boxes:
                               generator_spec=f"demo:{name}", labeler_spec="rules")
         aucs = pixel_aucs(run, chest_boxes)
         all_aucs = [a for values in aucs.values() for a in values]
+        verified_aucs = [a for values in pixel_aucs(run, chest_boxes, verified_only=True).values() for a in values]
         overlap = shortcut_marker_overlap(run)
         lines = read_results(run)
         generators[name] = {
@@ -88,6 +95,9 @@ def measure(variant: str, difference_reference: str, records: list, chest_boxes:
             "pixel_auc_positive_diff": float(np.mean(all_aucs)) if all_aucs else None,
             "pixel_auc_positive_diff_per_finding": {f: float(np.mean(v)) for f, v in aucs.items()},
             "n_items_with_true_mask": len(all_aucs),
+            # the same over verified cycles only: the maps cyclex keeps as the generator's evidence
+            "pixel_auc_positive_diff_verified": float(np.mean(verified_aucs)) if verified_aucs else None,
+            "n_verified_items_with_true_mask": len(verified_aucs),
             "shortcut_marker_overlap_rate": overlap["overlap_rate"],
             "n_cardiomegaly_frames_with_marker": overlap["n_frames_with_marker"],
             "n_collateral_changes": sum(bool(x["collateral_added"] or x["collateral_lost"]) for x in lines),
