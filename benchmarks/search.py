@@ -13,7 +13,9 @@ the cycle verified), over the same (checkpoint x strength x guidance) grid:
       and direct inversion first, then the two NTI settings; one inversion per null x checkpoint, guidance
       batches, paper order, first accepted, cheap metrics before the generator);
   (c') cyclex_search_sequential: the same with guidance_batch_size=1 (one guidance per UNet batch,
-      stopping at the first accepted).
+      stopping at the first accepted);
+  (c'') cyclex_search_p2p: (c) with prompt-to-prompt attention control on every candidate
+      (`AttentionControlConfig()` defaults: refine, local blend; `--attention-control refine` in the CLI).
 UNet evaluations are counted per batch item (`LatentDiffusion.unet_calls`; NTI's inner iterations
 count one evaluation each, their backward passes are not counted); forward passes count batches.
 
@@ -39,6 +41,7 @@ from typing import Any
 
 import torch
 
+from cyclex.counterfactuals.attention_control import AttentionControlConfig
 from cyclex.counterfactuals.inversion_cache import InversionCache
 from cyclex.counterfactuals.nti import NullTextInversionMaker
 from cyclex.counterfactuals.search import (
@@ -61,7 +64,8 @@ RESULTS = Path(__file__).parent / "results" / "search.json"
 CHECKPOINTS = ("best_l2", "best_l1")
 DEFAULT_STEPS = 10
 DEFAULT_GUIDANCE = 7.5
-ARMS = ("single_pass", "algorithm1", "cyclex_search", "cyclex_search_sequential")
+ARMS = ("single_pass", "algorithm1", "cyclex_search", "cyclex_search_sequential", "cyclex_search_p2p")
+CYCLEX_ARMS = {"cyclex_search": "", "cyclex_search_sequential": "_sequential", "cyclex_search_p2p": "_p2p"}
 
 
 @dataclass
@@ -157,11 +161,12 @@ def tiny_world(n_findings: int) -> World:
     return World(pipes, scorer, cycle_check, requests, scorer.thresholds, {"world": "tiny-random"})
 
 
-def nti_makers(world: World, steps: int, inversion_guidance: float | None = None) -> dict[str, NullTextInversionMaker]:
+def nti_makers(world: World, steps: int, inversion_guidance: float | None = None,
+               attention_control: AttentionControlConfig | None = None) -> dict[str, NullTextInversionMaker]:
     cache = InversionCache()  # fresh per arm: no arm profits from another's inversions
     return {
         c: NullTextInversionMaker(pipe, steps, guidance_scale=DEFAULT_GUIDANCE, checkpoint=c, cache=cache,
-                                  inversion_guidance=inversion_guidance)
+                                  inversion_guidance=inversion_guidance, attention_control=attention_control)
         for c, pipe in world.pipes.items()
     }
 
@@ -170,7 +175,8 @@ def run_arm(name: str, world: World, steps: int, grid: dict[str, tuple]) -> tupl
     results = []
     start = time.perf_counter()
     if name.startswith("cyclex_search"):
-        makers = nti_makers(world, steps, inversion_guidance=float(min(grid["guidances"])))
+        makers = nti_makers(world, steps, inversion_guidance=float(min(grid["guidances"])),
+                            attention_control=AttentionControlConfig() if name == "cyclex_search_p2p" else None)
         if name == "cyclex_search_sequential":  # one guidance per batch, stopping at the first accepted
             grid = {**grid, "guidance_batch_size": 1}
         search = MetricGuidedSearch(makers, world.scorer, world.cycle_check, **grid)
@@ -218,7 +224,7 @@ def run(world: World, steps: int, grid: dict[str, tuple], cyclex_grid: dict[str,
         out[f"ablation_{name}"] = ablation_tables(attempts[name], grid["required_score"])
     if set(arms) != set(ARMS):
         return out  # a partial run (exploration): no ratios or goals
-    for arm, suffix in (("cyclex_search", ""), ("cyclex_search_sequential", "_sequential")):
+    for arm, suffix in CYCLEX_ARMS.items():
         for measure in ("unet_calls", "unet_passes", "seconds"):
             out[f"{measure}_ratio_cyclex{suffix}_vs_algorithm1"] = ratio(out[arm][f"{measure}_per_accepted"],
                                                                         out["algorithm1"][f"{measure}_per_accepted"])
@@ -228,7 +234,7 @@ def run(world: World, steps: int, grid: dict[str, tuple], cyclex_grid: dict[str,
                                                                               out["algorithm1"][f"{measure}_total"])
     a, s = out["algorithm1"]["acceptance_rate"], out["single_pass"]["acceptance_rate"]
     out["goals"] = {}
-    for arm, suffix in (("cyclex_search", ""), ("cyclex_search_sequential", "_sequential")):
+    for arm, suffix in CYCLEX_ARMS.items():
         c = out[arm]["acceptance_rate"]
         out["goals"].update({
             f"cyclex{suffix}_acceptance_ge_algorithm1": c >= a,
@@ -273,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.guidance_batch_size:
         cyclex_grid["guidance_batch_size"] = args.guidance_batch_size
     result = run(world, args.steps, grid, cyclex_grid, tuple(args.arms))
+    if args.out.is_file():  # GPU figures come from another machine (search_gpu.py): keep them
+        result["gpu"] = json.loads(args.out.read_text()).get("gpu") or result.get("gpu")
     write_text_atomic(args.out, json.dumps(result, indent=2, default=str))
     logger.info("wrote %s", args.out)
     return 0
