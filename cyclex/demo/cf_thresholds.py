@@ -9,7 +9,7 @@ counterfactual pairs (a phantom and the same phantom rendered without one findin
 it instead of recalibrating.
 
 Version 2 (`CALIBRATION_VERSION`): the counterfactual of each pair goes through the demo SDs' VAE
-(encode, decode) first, when the demo base SD is built. Every counterfactual a tailored SD makes is a
+(encode, decode) first, when a demo SD is cached (base or tailored). Every counterfactual a tailored SD makes is a
 VAE decoding, and the tiny demo VAE drops the phantoms' rib texture and noise, so version 1's
 thresholds (both sides pixel-perfect) rejected even the best counterfactual the model can express.
 The pair is now (phantom, best expressible counterfactual); the factual side stays the raw query, as
@@ -116,7 +116,7 @@ def thresholds_for(scorer: CounterfactualScorer, path: str | Path | None,
     shipped weights (`cyclex/demo/weights/cf_thresholds.json`), so a fresh machine does not recalibrate.
 
     A stored file of an older calibration version is recalibrated. autoencoder: the VAE round trip
-    counterfactuals pass through (version 2); None: `demo_autoencoder()` when the demo base SD exists.
+    counterfactuals pass through (version 2); None: `demo_autoencoder()` when a demo SD is cached.
     """
     path = Path(path) if path is not None else None
     if path is not None and not path.is_file() and path == demo_thresholds_path():
