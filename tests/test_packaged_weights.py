@@ -75,6 +75,32 @@ def test_single_files_are_shipped_and_installed_once(tmp_path, monkeypatch):
     assert (fresh / "cf_thresholds.json").read_text() == "{}"
 
 
+def test_upgraded_shipped_weights_replace_installed_copies_but_not_local_builds(tmp_path, monkeypatch):
+    monkeypatch.setattr(packaged, "ASSETS", {"tailored/clean": "selection.json"})
+    cache, shipped, fresh = tmp_path / "cache", tmp_path / "shipped", tmp_path / "fresh"
+    _fake_tailored(cache / "tailored/clean")
+    (cache / "cf_thresholds.json").write_text('{"v": 1}')
+    packaged.package_assets(cache, shipped)
+    assert packaged.install_packaged_assets(fresh, shipped) == ["tailored/clean", "cf_thresholds.json"]
+    assert packaged.install_packaged_assets(fresh, shipped) == []  # unchanged: nothing to do
+    # a new cyclex ships new weights: the installed copies are replaced
+    (shipped / "cf_thresholds.json").write_text('{"v": 2}')
+    save_file({"w": torch.zeros(7)}, str(shipped / "tailored/clean/checkpoints/checkpoint-000100/unet" / UNET_FILE))
+    assert packaged.install_packaged_assets(fresh, shipped) == ["tailored/clean", "cf_thresholds.json"]
+    assert (fresh / "cf_thresholds.json").read_text() == '{"v": 2}'
+    assert torch.equal(load_file(str(fresh / "tailored/clean/checkpoints/checkpoint-000100/unet" / UNET_FILE))["w"], torch.zeros(7))
+    # what the user rebuilt or recalibrated since is theirs: kept across later upgrades
+    (fresh / "cf_thresholds.json").write_text('{"mine": true}')
+    (fresh / "tailored/clean/selection.json").write_text('{"best_psnr": "unet"}')
+    (shipped / "cf_thresholds.json").write_text('{"v": 3}')
+    save_file({"w": torch.ones(7)}, str(shipped / "tailored/clean/checkpoints/checkpoint-000100/unet" / UNET_FILE))
+    assert packaged.install_packaged_assets(fresh, shipped) == []
+    assert (fresh / "cf_thresholds.json").read_text() == '{"mine": true}'
+    # and a cache built here (never installed) is never touched
+    assert packaged.install_packaged_assets(cache, shipped) == []
+    assert (cache / "cf_thresholds.json").read_text() == '{"v": 1}'
+
+
 def test_fresh_machine_scores_with_the_shipped_thresholds(tmp_path, monkeypatch):
     """No recalibration on a fresh machine: the demo path gets the shipped file, value for value."""
     from cyclex.counterfactuals.search import load_thresholds

@@ -3,8 +3,10 @@
 `scripts/package_demo_weights.py` copies the cached demo models (built by
 `scripts/train_demo_generators.py`, `scripts/train_phantom_classifier.py`, `scripts/build_demo_sd.py`)
 into `cyclex/demo/weights/`, keeping only what inference needs and storing tensors as float16 to stay
-small. At first use `install_packaged_assets()` copies them back into `$CYCLEX_HOME/demo` as float32;
-whatever is already cached is left alone, and anything not shipped is built by its own builder.
+small. At first use `install_packaged_assets()` copies them back into `$CYCLEX_HOME/demo` as float32
+and records what it installed (`.packaged.json`), so a cyclex upgrade with new demo weights replaces
+the copies it installed; whatever was built here is left alone, and anything not shipped is built by
+its own builder.
 """
 
 from __future__ import annotations
@@ -132,16 +134,48 @@ def package_assets(cache: Path | None = None, out: Path = PACKAGED_DIR) -> dict[
     return sizes
 
 
+INSTALLED_FILE = ".packaged.json"  # in the cache: what was installed from the shipped weights
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's relative paths and file contents."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def _needs_install(dst_marker: Path, shipped_digest: str, stamp: dict | None) -> bool:
+    """Missing, or installed from shipped weights that have changed since (a cyclex upgrade) and not
+    rebuilt locally after that (the cached marker is still the installed one). A locally built asset
+    has no stamp and is never replaced."""
+    if not dst_marker.is_file():
+        return True
+    if not stamp or stamp.get("shipped") == shipped_digest:
+        return False
+    return stamp.get("marker") == _digest(dst_marker)
+
+
 def install_packaged_assets(cache: Path | None = None, packaged: Path | None = None) -> list[str]:
-    """Copy shipped demo models (float32) and files that are missing from the cache into it; returns their names."""
+    """Copy shipped demo models (float32) and files into the cache when missing, or when the cached copy
+    was installed from older shipped weights; returns the names installed."""
     import torch
 
     cache = cache or demo_cache_dir()
     packaged = packaged or PACKAGED_DIR
+    stamps_path = cache / INSTALLED_FILE
+    stamps = json.loads(stamps_path.read_text()) if stamps_path.is_file() else {}
     installed = []
     for name, marker in ASSETS.items():
         src, dst = packaged / name, cache / name
-        if (dst / marker).is_file() or not (src / marker).is_file():
+        if not (src / marker).is_file():
+            continue
+        shipped = _digest(src)
+        if not _needs_install(dst / marker, shipped, stamps.get(name)):
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
@@ -149,12 +183,19 @@ def install_packaged_assets(cache: Path | None = None, packaged: Path | None = N
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(staging, dst)  # atomic: a crash never leaves a half-copied asset behind
+        stamps[name] = {"shipped": shipped, "marker": _digest(dst / marker)}
         installed.append(name)
         logger.info("installed shipped demo model %s into %s", name, dst)
     for name in FILES:
         src, dst = packaged / name, cache / name
-        if dst.is_file() or not src.is_file():
+        if not src.is_file():
+            continue
+        shipped = _digest(src)
+        if not _needs_install(dst, shipped, stamps.get(name)):
             continue
         write_bytes_atomic(dst, src.read_bytes())
+        stamps[name] = {"shipped": shipped, "marker": _digest(dst)}
         installed.append(name)
+    if installed:
+        write_bytes_atomic(stamps_path, (json.dumps(stamps, indent=2, sort_keys=True) + "\n").encode())
     return installed
