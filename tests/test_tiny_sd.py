@@ -24,3 +24,23 @@ def test_tiny_pipeline_round_trips_through_a_folder(tmp_path):
     b = again("The lung with no abnormalities", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert a.shape == (1, 3, 64, 64)
     torch.testing.assert_close(a, b)
+
+
+def _token_embeddings(config: TinySDConfig, text: str) -> dict[str, torch.Tensor]:
+    parts = tiny_sd_pipeline(config)
+    ids = parts.tokenizer(text).input_ids
+    with torch.no_grad():
+        hidden = parts.text_encoder(torch.tensor([ids]))[0][0]
+    return {token: hidden[i] for i, token in enumerate(parts.tokenizer.convert_ids_to_tokens(ids))}
+
+
+def test_bag_of_tokens_text_encoder_keeps_other_findings_when_one_is_removed():
+    source = StructuredPrompt(("Consolidation", "Pneumothorax", "Fracture")).text
+    target = StructuredPrompt(("Pneumothorax", "Fracture")).text
+    bag = TinySDConfig(text_layers=0, text_position_embeddings=False)
+    before, after = _token_embeddings(bag, source), _token_embeddings(bag, target)
+    for token in ("pneumothorax</w>", "fracture</w>"):
+        torch.testing.assert_close(before[token], after[token])
+    # the default transformer encoder mixes positions and predecessors: the same tokens move
+    mixed_before, mixed_after = _token_embeddings(TinySDConfig(), source), _token_embeddings(TinySDConfig(), target)
+    assert not torch.allclose(mixed_before["fracture</w>"], mixed_after["fracture</w>"], atol=1e-3)

@@ -52,16 +52,26 @@ def demo_tailored_dir(name: str) -> Path:
 
 @dataclass
 class DemoBaseSDConfig:
-    """Sizes and budget of the demo base SD; the VAE is narrower than tiny_sd's default to train on CPU."""
+    """Sizes and budget of the demo base SD; the VAE is narrower than tiny_sd's default to train on CPU.
 
-    sd: TinySDConfig = field(default_factory=lambda: TinySDConfig(vae_block_out_channels=(16, 32, 32)))
+    The text encoder stands in for a pretrained CLIP, which is frozen in tailored training: a random
+    frozen transformer mixes every token with its position and its predecessors, so removing one
+    finding from the prompt changed the embedding of every finding after it, and the tailored UNet's
+    counterfactuals wiped the other findings too. A bag of tokens (no layers, no position embeddings)
+    keeps the other findings' embeddings fixed when one is removed. Measured on 40 held-out phantoms,
+    negative-prompt inversion, the same 3000 training steps: removals that also changed another
+    finding of the regenerated report fell from 89 % to 60 %.
+    """
+
+    sd: TinySDConfig = field(default_factory=lambda: TinySDConfig(
+        vae_block_out_channels=(16, 32, 32), text_layers=0, text_position_embeddings=False))
     n_phantoms: int = 320  # half clean world, half shortcut world (the VAE must draw the marker too)
     n_heldout: int = 32
-    vae_steps: int = 1500
+    vae_steps: int = 2500
     vae_batch_size: int = 8
     vae_learning_rate: float = 2e-3
     kl_weight: float = 1e-6  # LDM's KL-f weight: latents stay near N(0, I) without blurring
-    time_budget_s: float = 150.0  # the VAE loop stops early past this wall time (a CPU build budget)
+    time_budget_s: float = 300.0  # the VAE loop stops early past this wall time (a CPU build budget)
     seed: int = 0
     threads: int = 2
 
@@ -168,7 +178,7 @@ def build_demo_base_sd(out: str | Path | None = None, config: DemoBaseSDConfig |
                     "vae_training": stats, "vae_heldout_psnr_db": round(psnr, 2),
                     "vae_scaling_factor": vae.config.scaling_factor, "data_seconds": round(data_seconds, 1),
                     "total_seconds": round(time.perf_counter() - started, 1),
-                    "text_encoder": "seeded random tiny CLIP, frozen (distinct prompts -> distinct fixed embeddings)"}
+                    "text_encoder": "seeded random bag-of-tokens tiny CLIP (no layers, zero position embeddings), frozen"}
         (staging / BASE_METADATA).write_text(json.dumps(metadata, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -186,12 +196,15 @@ class DemoTailoredConfig:
 
     The UNet starts from random weights, so prompt conditioning needs far more than reconstruction
     does: 300 steps on 320 images reconstruct at 31 dB (guidance 1) but sample the same image for
-    every prompt. 3000 steps x 16 on 2000 images take about 8-9 minutes per SD on one CPU thread.
+    every prompt. Conditioning keeps sharpening after reconstruction has converged (plain DDIM on 40
+    held-out phantoms, collateral changes at steps 1000 / 2000 / 3000: 0.76 / 0.55 / 0.47, held-out
+    PSNR flat at 30.9 dB), hence 5000 steps x 16 on 2000 images: about 17 minutes per SD on one
+    CPU thread.
     """
 
     n_images: int = 2000
     n_heldout: int = 16
-    max_train_steps: int = 3000
+    max_train_steps: int = 5000
     train_batch_size: int = 16
     learning_rate: float = 1e-3  # a from-scratch tiny UNet learns faster than the paper's fine-tuning rate
     checkpointing_steps: int = 1000

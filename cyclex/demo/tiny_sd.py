@@ -97,6 +97,9 @@ class TinySDConfig:
     text_hidden_size: int = 32
     text_layers: int = 2
     text_heads: int = 4
+    # False zeroes the text encoder's position embeddings; with text_layers=0 the encoder is then a
+    # bag of tokens (each token's output depends on that token only), see DemoBaseSDConfig.
+    text_position_embeddings: bool = True
     model_max_length: int = 48  # all 13 findings take 37 tokens; 77 works too
     seed: int = 0
 
@@ -148,6 +151,11 @@ def tiny_sd_components(config: TinySDConfig | None = None) -> dict:
         projection_dim=cfg.text_hidden_size,
     )
     text_encoder = CLIPTextModel(text_config)
+    if not cfg.text_position_embeddings:
+        # transformers 4 nests the embeddings under .text_model, transformers 5 does not
+        embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings
+        with torch.no_grad():
+            embeddings.position_embedding.weight.zero_()
     # SD v1.x scheduler settings (PRISM: scaled_linear betas 0.00085 .. 0.012).
     scheduler = DDIMScheduler(
         beta_start=0.00085,
