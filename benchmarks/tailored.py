@@ -1,7 +1,7 @@
 """Tailored SD benchmark: training throughput of cyclex's loop vs a plain diffusers-style loop, and
 reconstruction PSNR of the demo tailored SDs on held-out phantoms.
 
-    python -m benchmarks.tailored [--steps 100] [--repeats 3] [--skip-psnr]
+    python -m benchmarks.tailored [--steps 200] [--repeats 5] [--skip-psnr]
 
 Writes benchmarks/results/tailored.json:
 - `cyclex_images_per_s`, `plain_images_per_s`, `throughput_ratio_vs_plain_diffusers` (goal >= 0.95):
@@ -129,9 +129,9 @@ def reconstruction_psnr(n_heldout: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=200)  # a step takes ~80 ms: shorter runs vary by +-10 %
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--n-train", type=int, default=64)
     parser.add_argument("--n-heldout", type=int, default=16)
     parser.add_argument("--skip-psnr", action="store_true")
