@@ -170,31 +170,26 @@ def install_packaged_assets(cache: Path | None = None, packaged: Path | None = N
     stamps_path = cache / INSTALLED_FILE
     stamps = json.loads(stamps_path.read_text()) if stamps_path.is_file() else {}
     installed = []
-    for name, marker in ASSETS.items():
+    # (name, the file proving a complete copy, relative to the name's path); a single file proves itself
+    items = [(name, Path(marker)) for name, marker in ASSETS.items()] + [(name, Path()) for name in FILES]
+    for name, marker in items:
         src, dst = packaged / name, cache / name
         if not (src / marker).is_file():
             continue
         shipped = _digest(src)
         if not _needs_install(dst / marker, shipped, stamps.get(name)):
             continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-        _copy_folder(src, staging, torch.float32)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(staging, dst)  # atomic: a crash never leaves a half-copied asset behind
+        if src.is_file():
+            write_bytes_atomic(dst, src.read_bytes())
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+            _copy_folder(src, staging, torch.float32)
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(staging, dst)  # atomic: a crash never leaves a half-copied asset behind
+            logger.info("installed shipped demo model %s into %s", name, dst)
         stamps[name] = {"shipped": shipped, "marker": _digest(dst / marker)}
-        installed.append(name)
-        logger.info("installed shipped demo model %s into %s", name, dst)
-    for name in FILES:
-        src, dst = packaged / name, cache / name
-        if not src.is_file():
-            continue
-        shipped = _digest(src)
-        if not _needs_install(dst, shipped, stamps.get(name)):
-            continue
-        write_bytes_atomic(dst, src.read_bytes())
-        stamps[name] = {"shipped": shipped, "marker": _digest(dst)}
         installed.append(name)
     if installed:
         write_bytes_atomic(stamps_path, (json.dumps(stamps, indent=2, sort_keys=True) + "\n").encode())
