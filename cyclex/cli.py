@@ -133,6 +133,8 @@ def explain(
     frame_threshold: str = typer.Option("stable", "--frame-threshold", help="L on 0-255, or 'stable'"),
     frame_normalize: bool = typer.Option(False, "--frame-normalize/--no-frame-normalize",
                                          help="stretch |I - CF| to a maximum of 255 before thresholding"),
+    map_blur: int = typer.Option(5, "--map-blur", help="Gaussian kernel (odd) smoothing the positive difference "
+                                 "map, as the frame is smoothed; 1 keeps the raw max(I - CF, 0)"),
     image_size: int = typer.Option(None, "--image-size", help="resize inputs to this side (needed for mixed sizes)"),
     estimate_chest_box: bool = typer.Option(False, "--estimate-chest-box/--no-estimate-chest-box",
                                             help="mask maps to an Otsu chest box when the input gives none"),
@@ -203,7 +205,7 @@ def explain(
             load_generator(generator), tailored, images, out, labeler_spec=labeler, variant=variant, maker_kwargs=maker_kwargs,
             checkpoint=checkpoint, steps=steps, guidance=guidance, strength=strength, findings=names or None,
             batch_size=batch_size, image_size=image_size, frame_threshold=threshold, frame_normalize=frame_normalize,
-            estimate_chest_boxes=estimate_chest_box, overwrite=overwrite, device=device, generator_spec=generator,
+            map_blur=map_blur, estimate_chest_boxes=estimate_chest_box, overwrite=overwrite, device=device, generator_spec=generator,
             difference_reference=difference_reference.value, search=search, search_kwargs=search_kwargs, scorer=scorer,
         )
     except (FileNotFoundError, ValueError, KeyError, TypeError, RunFolderError, UnknownFindingError) as error:

@@ -56,7 +56,15 @@ def test_verified_and_not_verified_in_one_batch():
     expected = np.zeros_like(first.frame.mask)
     expected[y0:y1, x0:x1] = True
     np.testing.assert_array_equal(first.frame.mask, expected)
-    assert first.positive[y0:y1, x0:x1].min() == pytest.approx(0.8)
+    # the positive map is smoothed by the frame's 5 x 5 Gaussian ([1, 4, 6, 4, 1] / 16 per axis): 0.8
+    # two pixels inside the box, 0.8 * (11/16)^2 at its corner (by hand); raw with map_blur=1
+    assert explainer.settings()["map_blur"] == 5
+    assert first.positive[y0 + 2:y1 - 2, x0 + 2:x1 - 2].min() == pytest.approx(0.8)
+    assert first.positive[y0, x0] == pytest.approx(0.8 * (11 / 16) ** 2)
+    raw = _explainer(PaintingMaker(), map_blur=1).explain(images[:1], findings=["Cardiomegaly"])[0]
+    assert raw.positive[y0:y1, x0:x1].min() == pytest.approx(0.8) and raw.positive.sum() == pytest.approx(0.8 * 144)
+    with pytest.raises(ValueError, match="map_blur"):
+        _explainer(PaintingMaker(), map_blur=2)
     assert first.difference.min() >= 0  # painting only darkens here
     rate = cyclic_rate(results)
     assert rate["cyclic_rate"] == pytest.approx(2 / 3) and rate["n"] == 3

@@ -30,3 +30,38 @@ def test_pixel_aucs_all_items_and_verified_only(tmp_path):
     assert pixel_aucs(tmp_path, {}, verified_only=True) == {"Cardiomegaly": [1.0]}
     # a chest box restricts the pixels compared, not the ranking
     assert pixel_aucs(tmp_path, {"b": [0, 0, 6, 6]}) == {"Cardiomegaly": [1.0, 0.0]}
+
+
+def test_pixel_aucs_unsmoothed_reads_the_signed_map(tmp_path):
+    from benchmarks.cycle import pixel_aucs
+
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 2:5] = True
+    line = _item(tmp_path, "a", mask, 1.0 - mask, verified=True)  # the saved map avoids the mask: AUC 0
+    # the signed map is +1 on the mask and -1 elsewhere: its positive part is the mask, AUC 1
+    np.save(tmp_path / "items" / "a" / "signed.npy", np.where(mask, 1.0, -1.0).astype(np.float32))
+    line["signed_npy"] = "items/a/signed.npy"
+    (tmp_path / "results.jsonl").write_text(json.dumps(line) + "\n")
+    assert pixel_aucs(tmp_path, {}) == {"Cardiomegaly": [0.0]}
+    assert pixel_aucs(tmp_path, {}, unsmoothed=True) == {"Cardiomegaly": [1.0]}
+
+
+def test_ceiling_is_the_exact_counterfactual_and_noise_caps_the_unsmoothed_map(tmp_path):
+    from dataclasses import replace
+
+    from benchmarks.cycle import ceiling_aucs
+    from cyclex.datasets.phantom import PhantomConfig, make_phantom
+
+    def ceiling(config):
+        phantom = make_phantom(5, config, {"Lung Lesion": {"severity": "severe"}}, phantom_id="p")
+        line = {"image_id": "p", "finding": "Lung Lesion", "verified": True, "mask_png": "unused.png"}
+        (tmp_path / "results.jsonl").write_text(json.dumps(line) + "\n")
+        return ceiling_aucs(tmp_path, {"p": phantom}, config, map_blur=5)
+
+    noiseless = ceiling(PhantomConfig(noise_std=0.0))
+    # no noise: the lesion (it brightens) is all I - CF holds, up to 8-bit rounding of the query
+    assert noiseless["unsmoothed"] > 0.97 and noiseless["smoothed"] > 0.97
+    noisy = ceiling(replace(PhantomConfig(), noise_std=0.03))
+    # the query's noise lights up max(I - CF, 0) everywhere; the 5 x 5 blur averages most of it out
+    assert noisy["unsmoothed"] < noiseless["unsmoothed"] - 0.05
+    assert noisy["smoothed"] > noisy["unsmoothed"] + 0.05

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from cyclex.cli import app
 from cyclex.cycle import CyclicExplainer
 from cyclex.cycle import run_folder as rf
-from cyclex.explain.frames import feature_frame
+from cyclex.explain.frames import difference_maps, feature_frame
 
 # what the fake "autoencoder" adds to every image it draws and cannot get rid of (a bright block
 # outside every finding's box): 0.45 > 95/255, so it lights up I - CF but cancels in R - CF
@@ -77,7 +77,7 @@ def test_difference_is_reconstruction_minus_counterfactual():
         np.testing.assert_allclose(r.reference, expected_reference, atol=1e-6)
         np.testing.assert_allclose(r.counterfactual, _expected_cf(images[r.image_index], r.finding), atol=1e-6)
         np.testing.assert_array_equal(r.difference, r.reference - r.counterfactual)
-        np.testing.assert_array_equal(r.positive, np.maximum(r.reference - r.counterfactual, 0))
+        np.testing.assert_array_equal(r.positive, difference_maps(r.reference, r.counterfactual, positive_blur=5)[2])
         # the texture cancels: R - CF is exactly the edit (0.9 -> 0.1 in the finding's box, 0 elsewhere)
         y0, y1, x0, x1 = PaintingMaker.boxes[r.finding]
         edit = np.zeros((SIZE, SIZE), np.float32)
@@ -121,7 +121,7 @@ def test_default_differences_against_the_query():
     assert maker.reconstruct_calls == []
     for r in results:
         np.testing.assert_array_equal(r.difference, r.query - r.counterfactual)
-        np.testing.assert_array_equal(r.positive, np.maximum(r.query - r.counterfactual, 0))
+        np.testing.assert_array_equal(r.positive, difference_maps(r.query, r.counterfactual, positive_blur=5)[2])
         assert r.reference is None and r.to_record()["difference_reference"] == "query"
         # the texture the maker cannot reproduce lights up I - CF (what the option is for)
         y0, y1, x0, x1 = TEXTURE_BOX
@@ -309,3 +309,18 @@ def test_runs_written_before_the_option_resume_as_query(tmp_path):
     rf.run_explainer(_explainer(reference="query"), records, out, progress=False)  # resumes
     with pytest.raises(rf.RunFolderError, match="difference_reference"):
         rf.run_explainer(_explainer(), records, out, progress=False)
+
+
+def test_runs_written_before_map_blur_resume_only_with_the_raw_map(tmp_path):
+    records = _records(tmp_path / "in")
+    out = tmp_path / "run"
+    raw = CyclicExplainer(brightness_generator(), KeywordLabeler(), PaintingMaker(), frame_threshold=95, map_blur=1)
+    rf.run_explainer(raw, records, out, progress=False)
+    config_path = out / "run_config.json"
+    old = json.loads(config_path.read_text())
+    del old["map_blur"]  # as written before the option existed: those runs saved max(I - CF, 0) unsmoothed
+    config_path.write_text(json.dumps(old))
+    rf.run_explainer(raw, records, out, progress=False)  # resumes
+    smoothed = CyclicExplainer(brightness_generator(), KeywordLabeler(), PaintingMaker(), frame_threshold=95)
+    with pytest.raises(rf.RunFolderError, match="map_blur"):
+        rf.run_explainer(smoothed, records, out, progress=False)

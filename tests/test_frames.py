@@ -45,6 +45,28 @@ def test_difference_maps_signed_and_positive_part():
     np.testing.assert_allclose(t_abs, absolute)
 
 
+def test_positive_blur_smooths_only_the_positive_part_with_the_5x5_gaussian():
+    query = np.full((16, 16), 0.5, np.float32)
+    cf = query.copy()
+    cf[8, 8] = 0.5 - 0.8  # one bright query pixel (clipped range does not matter to the map)
+    cf[2, 2] = 0.9  # a darker query pixel: negative, must not leak into the smoothed positive map
+    _, signed, raw = difference_maps(query, cf)
+    _, signed_smoothed, smoothed = difference_maps(query, cf, positive_blur=5)
+    np.testing.assert_array_equal(signed_smoothed, signed)  # the signed map stays raw
+    # OpenCV's 5-tap Gaussian for sigma 0 is [1, 4, 6, 4, 1] / 16, so by hand the centre keeps
+    # 0.8 * (6/16)^2, its 4-neighbour 0.8 * (6/16)(4/16), and the total mass stays 0.8.
+    assert raw[8, 8] == pytest.approx(0.8)
+    assert smoothed[8, 8] == pytest.approx(0.8 * (6 / 16) ** 2)
+    assert smoothed[8, 9] == pytest.approx(0.8 * (6 / 16) * (4 / 16))
+    assert smoothed.sum() == pytest.approx(0.8, rel=1e-5)
+    assert smoothed[0:5, 0:5].max() == 0.0
+    # with a chest box, the smoothed map is zero outside it as well
+    _, _, boxed = difference_maps(query, cf, chest_box=(0, 0, 9, 16), positive_blur=5)
+    assert boxed[:, 9:].max() == 0.0 and boxed[8, 8] == pytest.approx(0.8 * (6 / 16) ** 2)
+    with pytest.raises(ValueError, match="positive_blur"):
+        difference_maps(query, cf, positive_blur=4)
+
+
 def test_frame_keeps_the_k_largest_components_exactly():
     # seven separated squares of distinct sizes; the 5 largest must be kept, largest first
     sides = [3, 4, 5, 6, 7, 8, 9]

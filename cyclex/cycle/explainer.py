@@ -50,7 +50,8 @@ class CycleResult:
     """One manipulation: one finding removed from one query.
 
     query / counterfactual: (H, W) float32 in [0, 1]. difference: signed I - CF (H, W);
-    positive: max(I - CF, 0) masked to the chest box when one is used (seed 000's map).
+    positive: max(I - CF, 0) masked to the chest box when one is used (seed 000's map), smoothed by
+    the explainer's `map_blur` kernel.
     reference: None when the maps difference against the query; with difference_reference=
     "reconstruction", R (H, W), the query redrawn by the maker with its source prompt, and then
     difference = R - CF, positive = max(R - CF, 0) and the frame come from R and CF.
@@ -170,7 +171,8 @@ class CyclicExplainer:
     uncertain_as_present: uncertain findings count as present, both in prompts and in the cycle check.
     template: structured prompt template ("cvlm" or "prism"), as the tailored SD was trained.
     frame_threshold: L on 0-255: a number, "stable" (see `cyclex.explain.frames`) or {finding: L}.
-    frame_k / frame_blur: components kept / Gaussian kernel. frame_normalize: stretch |I - CF| to a
+    frame_k / frame_blur: components kept / Gaussian kernel. map_blur: Gaussian kernel for the positive
+    difference map (default the frame's 5; 1 keeps seed 000's raw max(I - CF, 0)). frame_normalize: stretch |I - CF| to a
     maximum of 255 before thresholding (choice, off by default). estimate_chest_boxes: when no chest box
     is given, estimate one per image (Otsu) and mask the maps to it.
     difference_reference: "query" (default, the paper's I - CF) or "reconstruction": difference and
@@ -192,6 +194,7 @@ class CyclicExplainer:
         frame_blur: int = DEFAULT_BLUR,
         frame_candidates: Sequence[float] = DEFAULT_THRESHOLD_CANDIDATES,
         frame_normalize: bool = False,
+        map_blur: int = DEFAULT_BLUR,
         estimate_chest_boxes: bool = False,
         seed: int = 0,
         difference_reference: str = "query",
@@ -222,6 +225,9 @@ class CyclicExplainer:
         self.frame_blur = int(frame_blur)
         self.frame_candidates = tuple(float(c) for c in frame_candidates)
         self.frame_normalize = bool(frame_normalize)
+        if int(map_blur) < 1 or int(map_blur) % 2 == 0:
+            raise ValueError(f"map_blur must be an odd Gaussian kernel size >= 1, got {map_blur}")
+        self.map_blur = int(map_blur)
         self.estimate_chest_boxes = bool(estimate_chest_boxes)
         self.seed = int(seed)
         self.difference_reference = difference_reference
@@ -290,6 +296,7 @@ class CyclicExplainer:
             "frame_blur": self.frame_blur,
             "frame_candidates": list(self.frame_candidates),
             "frame_normalize": self.frame_normalize,
+            "map_blur": self.map_blur,
             "estimate_chest_boxes": self.estimate_chest_boxes,
             "seed": self.seed,
             "difference_reference": self.difference_reference,
@@ -408,7 +415,7 @@ class CyclicExplainer:
                 box = estimate_chest_box(query)
             reference = references.get(i)
             base = query if reference is None else reference
-            _, signed, positive = difference_maps(base, cf, chest_box=box)
+            _, signed, positive = difference_maps(base, cf, chest_box=box, positive_blur=self.map_blur)
             level = resolve_threshold(self.frame_threshold, finding, base, cf, k=self.frame_k, blur=self.frame_blur,
                                       chest_box=box, candidates=self.frame_candidates, normalize=self.frame_normalize)
             frame = feature_frame(base, cf, threshold=level, k=self.frame_k, blur=self.frame_blur, chest_box=box,

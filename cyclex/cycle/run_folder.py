@@ -56,7 +56,7 @@ SUMMARY_NAME = "summary.json"
 # Settings that do not change results: excluded from the resume check.
 _NON_RESULT_SETTINGS = ("batch_size", "images")
 # Settings added after runs were written: a run_config.json without them ran with these values.
-_LATER_SETTING_DEFAULTS = {"difference_reference": "query"}
+_LATER_SETTING_DEFAULTS = {"difference_reference": "query", "map_blur": 1}
 
 
 class RunFolderError(RuntimeError):
@@ -364,6 +364,7 @@ def run_explain(
     frame_threshold: float | str | Mapping[str, float] = "stable",
     frame_k: int = 5,
     frame_normalize: bool = False,
+    map_blur: int = 5,
     estimate_chest_boxes: bool = False,
     difference_reference: str = "query",
     overwrite: bool = False,
@@ -394,7 +395,7 @@ def run_explain(
     explainer = CyclicExplainer.from_pretrained(
         tailored_dir, generator=generator, labeler=labeler, variant=variant, checkpoint=checkpoint, device=device,
         explainer_kwargs={"frame_threshold": frame_threshold, "frame_k": frame_k, "frame_normalize": frame_normalize,
-                          "estimate_chest_boxes": estimate_chest_boxes, "difference_reference": difference_reference},
+                          "map_blur": map_blur, "estimate_chest_boxes": estimate_chest_boxes, "difference_reference": difference_reference},
         search=search, search_kwargs=search_kwargs, scorer=scorer,
         num_inference_steps=steps, guidance_scale=guidance, strength=strength, **dict(maker_kwargs or {}),
     )

@@ -41,19 +41,26 @@ DEMO_CHECKPOINT = "final"
 DEMO_DIFFERENCE_REFERENCE = "query"
 
 
-def demo_query_phantoms(n: int, seed: int = DEMO_QUERY_SEED, marker_rate: float = DEMO_MARKER_RATE) -> list:
-    """n held-out phantoms drawn the way the demo generators were trained (canonical reports), with the
+def demo_query_config(marker_rate: float = DEMO_MARKER_RATE):
+    """The phantom config of the demo's queries: the generators' world (canonical reports) with the
     shortcut world's marker on about `marker_rate` of them, independent of the findings."""
     from dataclasses import replace
 
-    from cyclex.datasets.phantom import ShortcutConfig, make_phantoms
+    from cyclex.datasets.phantom import ShortcutConfig
     from cyclex.demo.generators import DemoGeneratorConfig, phantom_config_for
 
     world = phantom_config_for(DemoGeneratorConfig(name="shortcut"))
     marker = ShortcutConfig(finding=world.shortcut.finding, rate_with_finding=marker_rate,
                             rate_without_finding=marker_rate, box=world.shortcut.box,
                             intensity=world.shortcut.intensity)
-    return make_phantoms(n, seed, replace(world, shortcut=marker))
+    return replace(world, shortcut=marker)
+
+
+def demo_query_phantoms(n: int, seed: int = DEMO_QUERY_SEED, marker_rate: float = DEMO_MARKER_RATE) -> list:
+    """n held-out phantoms drawn with `demo_query_config(marker_rate)`."""
+    from cyclex.datasets.phantom import make_phantoms
+
+    return make_phantoms(n, seed, demo_query_config(marker_rate))
 
 
 def demo_assets(names: Sequence[str] = ("clean", "shortcut")) -> dict[str, dict[str, Path]]:

@@ -77,18 +77,29 @@ def box_mask(chest_box: Sequence[int], shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-def difference_maps(query, counterfactual, chest_box: Sequence[int] | None = None):
+def difference_maps(query, counterfactual, chest_box: Sequence[int] | None = None, positive_blur: int = 1):
     """(abs, signed, positive) float32 (H, W) maps on the [0, 1] scale.
 
     abs = |I - CF| (seed 003's D before scaling); signed = I - CF; positive = max(I - CF, 0), the
     seed 000 alignment map (darkening where the heart retracts). With a chest box, all three are
     zero outside it (seed 000: removes text-marker artefacts).
+    positive_blur: odd Gaussian kernel applied to the positive map (1: none, seed 000's raw map). The
+    query's sensor noise is in I - CF wherever the counterfactual does not copy it pixel for pixel;
+    the frame's 5 x 5 blur (seed 003) averages it out of the map as it does out of the frame.
     """
+    if positive_blur < 1 or positive_blur % 2 == 0:
+        raise ValueError(f"positive_blur must be an odd kernel size >= 1, got {positive_blur}")
     q, c = _check_pair(query, counterfactual)
     signed = q - c
-    if chest_box is not None:
-        signed = np.where(box_mask(chest_box, signed.shape), signed, 0.0).astype(np.float32)
-    return np.abs(signed), signed, np.maximum(signed, 0.0)
+    inside = box_mask(chest_box, signed.shape) if chest_box is not None else None
+    if inside is not None:
+        signed = np.where(inside, signed, 0.0).astype(np.float32)
+    positive = np.maximum(signed, 0.0)
+    if positive_blur > 1:
+        positive = cv2.GaussianBlur(positive, (positive_blur, positive_blur), 0)
+        if inside is not None:
+            positive = np.where(inside, positive, 0.0).astype(np.float32)
+    return np.abs(signed), signed, positive
 
 
 @dataclass(frozen=True)
