@@ -1,4 +1,4 @@
-"""The phantom world: determinism, sizes, pixel-exact masks, visibility, reports vs labels, folders, CLI."""
+"""The phantom world: determinism, sizes, exact masks (half-grey-level changes), visibility, reports vs labels, folders, CLI."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Every finding has two functions: `sample` draws its public description (severity, side, ...) that
 goes into the metadata and the report, and `draw` paints it onto the image. Both use the finding's
 own random stream, so adding or removing one finding never moves another; that is what lets
-`phantom.py` compute pixel-exact masks by drawing with and without each finding.
+`phantom.py` compute exact masks by drawing with and without each finding.
 """
 
 from __future__ import annotations
