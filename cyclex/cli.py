@@ -143,7 +143,7 @@ def explain(
         help="difference the counterfactual against the query (I - CF, the paper) or against the maker's own "
              "redraw of the query with its source prompt (R - CF: hides what the VAE / sampler cannot reproduce)"),
     device: str = typer.Option(None, "--device", help="torch device for the tailored SD"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="start over in a run folder made with other settings"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="start over: empty the run folder (one cyclex made) first"),
     search: bool = typer.Option(False, "--search/--no-search", help="metric-guided search over inference settings "
                                 "per finding (seed 000 Algorithm 1, made cheap); variants nti, negative-prompt, direct"),
     required_score: int = typer.Option(5, "--required-score", help="search: CF_Score (0-5) a counterfactual needs"),

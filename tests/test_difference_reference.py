@@ -324,3 +324,34 @@ def test_runs_written_before_map_blur_resume_only_with_the_raw_map(tmp_path):
     smoothed = CyclicExplainer(brightness_generator(), KeywordLabeler(), PaintingMaker(), frame_threshold=95)
     with pytest.raises(rf.RunFolderError, match="map_blur"):
         rf.run_explainer(smoothed, records, out, progress=False)
+
+
+def test_demo_starts_its_own_run_over_when_the_settings_changed_but_not_other_errors(tmp_path, monkeypatch):
+    import cyclex.adapters
+    import cyclex.cycle.report_html
+    from cyclex.demo import run_demo as demo
+
+    calls = []
+
+    def fake_run_explain(generator, tailored, records, out, **kwargs):
+        calls.append(kwargs["overwrite"])
+        if not kwargs["overwrite"]:
+            raise rf.RunSettingsChanged(f"{out} differs in map_blur", ["map_blur"])
+        return {"cyclic_rate": None, "n": 0, "per_finding": {}}
+
+    monkeypatch.setattr(demo, "demo_assets", lambda names: {n: {"tailored": tmp_path, "generator": tmp_path}
+                                                            for n in names})
+    monkeypatch.setattr(demo, "shortcut_marker_overlap", lambda run: {})
+    monkeypatch.setattr(rf, "run_explain", fake_run_explain)
+    monkeypatch.setattr(cyclex.adapters, "load_generator", lambda spec: brightness_generator())
+    monkeypatch.setattr(cyclex.cycle.report_html, "write_run_report", lambda out: None)
+    monkeypatch.setattr(cyclex.cycle.report_html, "write_comparison_report", lambda runs, out: out)
+    demo.run_demo(tmp_path / "demo", n_images=1, names=("clean",), progress=False)
+    assert calls == [False, True]  # refused with the old settings, then started over
+
+    def not_a_run_folder(generator, tailored, records, out, **kwargs):
+        raise rf.RunFolderError(f"{out} exists, is not empty and has no run_config.json")
+
+    monkeypatch.setattr(rf, "run_explain", not_a_run_folder)
+    with pytest.raises(rf.RunFolderError, match="not empty"):  # someone else's folder is never overwritten
+        demo.run_demo(tmp_path / "demo", n_images=1, names=("clean",), progress=False)

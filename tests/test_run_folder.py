@@ -122,13 +122,17 @@ def test_refuses_other_settings_unless_overwrite(tmp_path):
     rf.run_explainer(_explainer(), records, out, batch_size=2, progress=False)
     with pytest.raises(rf.RunFolderError, match="findings"):
         rf.run_explainer(_explainer(), records, out, findings=["Cardiomegaly"], progress=False)
+    (out / "index.html").write_text("<html>report of the old run</html>")  # as `cyclex explain` leaves it
     summary = rf.run_explainer(_explainer(), records, out, findings=["cardiomegaly"], overwrite=True, progress=False)
     assert summary["n"] == 3 and {x["finding"] for x in _lines(out)} == {"Cardiomegaly"}
+    assert not (out / "index.html").exists()  # the old run's report went with it
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
-    with pytest.raises(rf.RunFolderError, match="not empty"):
-        rf.run_explainer(_explainer(), records, stranger, progress=False)
+    for overwrite in (False, True):  # not a run folder: never written into, not even with overwrite
+        with pytest.raises(rf.RunFolderError, match="not empty"):
+            rf.run_explainer(_explainer(), records, stranger, overwrite=overwrite, progress=False)
+    assert (stranger / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="unique"):
         rf.run_explainer(_explainer(), records + records[:1], tmp_path / "dup", progress=False)
 

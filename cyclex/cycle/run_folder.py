@@ -63,6 +63,14 @@ class RunFolderError(RuntimeError):
     """The output folder holds a run made with different settings (or is not a run folder)."""
 
 
+class RunSettingsChanged(RunFolderError):
+    """The output folder is a run folder, made with different settings (`changed` names them)."""
+
+    def __init__(self, message: str, changed: list[str]) -> None:
+        super().__init__(message)
+        self.changed = changed
+
+
 def safe_name(text: str) -> str:
     """File-safe name for an image id; a short hash keeps distinct ids distinct after cleaning."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "image"
@@ -109,20 +117,20 @@ def load_image_records(source: str | Path) -> list[dict[str, Any]]:
 # -- the run -----------------------------------------------------------------------------------------
 def _check_config(out: Path, config: dict[str, Any], overwrite: bool) -> None:
     path = out / CONFIG_NAME
-    if overwrite and out.exists():
-        for name in ("items", "records"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in (RESULTS_NAME, SUMMARY_NAME, CONFIG_NAME):
-            (out / name).unlink(missing_ok=True)
+    if overwrite and path.is_file():
+        # a run folder (it has our config): everything in it came from runs, reports and evaluations
+        # (index.html, search logs, metrics), so start from an empty folder
+        shutil.rmtree(out)
+        out.mkdir(parents=True)
     if path.is_file():
         previous = {**_LATER_SETTING_DEFAULTS, **json.loads(path.read_text())}
         strip = lambda c: {k: v for k, v in c.items() if k not in _NON_RESULT_SETTINGS}  # noqa: E731
         if strip(previous) != strip(config):
             changed = sorted(k for k in set(previous) | set(config)
                              if k not in _NON_RESULT_SETTINGS and previous.get(k) != config.get(k))
-            raise RunFolderError(
+            raise RunSettingsChanged(
                 f"{out} holds a run made with different settings (differs in: {', '.join(changed)}); "
-                "use another --out or pass --overwrite to start over"
+                "use another --out or pass --overwrite to start over", changed,
             )
     elif out.exists() and any(out.iterdir()):
         raise RunFolderError(f"{out} exists, is not empty and has no {CONFIG_NAME}; refusing to write into it")

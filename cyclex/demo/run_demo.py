@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,7 @@ def run_demo(out: str | Path = "runs/demo", *, n_images: int = 16, steps: int = 
              overwrite: bool = False) -> dict[str, Any]:
     """Explain `n_images` held-out phantoms with each demo generator; returns the comparison summary."""
     from cyclex.adapters import load_generator
-    from cyclex.cycle.run_folder import run_explain, write_json_atomic
+    from cyclex.cycle.run_folder import RunSettingsChanged, run_explain, write_json_atomic
     from cyclex.datasets.phantom import read_phantom_folder, write_phantom_folder
 
     started = time.perf_counter()
@@ -125,12 +126,20 @@ def run_demo(out: str | Path = "runs/demo", *, n_images: int = 16, steps: int = 
         record["gt_chest_box"] = record.pop("chest_box", None)
     comparison: dict[str, Any] = {"n_images": len(records), "phantoms": str(phantom_dir), "generators": {}}
     for name in names:
-        summary = run_explain(
-            load_generator(f"demo:{name}"), assets[name]["tailored"], records, out / name,
+        explain = partial(
+            run_explain, load_generator(f"demo:{name}"), assets[name]["tailored"], records, out / name,
             steps=steps, guidance=guidance, strength=strength, frame_threshold=frame_threshold,
-            frame_normalize=frame_normalize, checkpoint=checkpoint, progress=progress, overwrite=overwrite,
+            frame_normalize=frame_normalize, checkpoint=checkpoint, progress=progress,
             generator_spec=f"demo:{name}", labeler_spec="rules", difference_reference=difference_reference,
         )
+        try:
+            summary = explain(overwrite=overwrite)
+        except RunSettingsChanged as changed:
+            # The demo's own run folder from an older cyclex (or other demo settings): it is rebuilt in
+            # seconds, so start it over instead of failing `make demo`.
+            logger.info("%s was made with other demo settings (%s); starting it over", out / name,
+                        ", ".join(changed.changed))
+            summary = explain(overwrite=True)
         comparison["generators"][name] = {
             "run": str(out / name),
             "cyclic_rate": summary["cyclic_rate"],
