@@ -241,9 +241,22 @@ def test_cli_lists_and_passes_the_option(tmp_path, monkeypatch):
     assert bad.exit_code != 0
 
 
-def test_demo_passes_the_reference_through(tmp_path, monkeypatch):
+def _fake_demo_models(monkeypatch, tmp_path, run_explain):
+    """run_demo without models: fake assets, generator and reports; `run_explain` stands in for the run."""
     import cyclex.adapters
     import cyclex.cycle.report_html
+    from cyclex.demo import run_demo as demo
+
+    monkeypatch.setattr(demo, "demo_assets", lambda names: {n: {"tailored": tmp_path, "generator": tmp_path}
+                                                            for n in names})
+    monkeypatch.setattr(demo, "shortcut_marker_overlap", lambda run: {})
+    monkeypatch.setattr(rf, "run_explain", run_explain)
+    monkeypatch.setattr(cyclex.adapters, "load_generator", lambda spec: brightness_generator())
+    monkeypatch.setattr(cyclex.cycle.report_html, "write_run_report", lambda out: None)
+    monkeypatch.setattr(cyclex.cycle.report_html, "write_comparison_report", lambda runs, out: out)
+
+
+def test_demo_passes_the_reference_through(tmp_path, monkeypatch):
     from cyclex.demo import run_demo as demo
 
     assert demo.DEMO_DIFFERENCE_REFERENCE in ("query", "reconstruction")
@@ -253,13 +266,7 @@ def test_demo_passes_the_reference_through(tmp_path, monkeypatch):
         calls.append(kwargs["difference_reference"])
         return {"cyclic_rate": None, "n": 0, "per_finding": {}}
 
-    monkeypatch.setattr(demo, "demo_assets", lambda names: {n: {"tailored": tmp_path, "generator": tmp_path}
-                                                            for n in names})
-    monkeypatch.setattr(demo, "shortcut_marker_overlap", lambda run: {})
-    monkeypatch.setattr(rf, "run_explain", fake_run_explain)
-    monkeypatch.setattr(cyclex.adapters, "load_generator", lambda spec: brightness_generator())
-    monkeypatch.setattr(cyclex.cycle.report_html, "write_run_report", lambda out: None)
-    monkeypatch.setattr(cyclex.cycle.report_html, "write_comparison_report", lambda runs, out: out)
+    _fake_demo_models(monkeypatch, tmp_path, fake_run_explain)
     demo.run_demo(tmp_path / "demo", n_images=1, names=("clean",), progress=False)
     demo.run_demo(tmp_path / "demo", n_images=1, names=("clean",), progress=False,
                   difference_reference="reconstruction")
@@ -327,8 +334,6 @@ def test_runs_written_before_map_blur_resume_only_with_the_raw_map(tmp_path):
 
 
 def test_demo_starts_its_own_run_over_when_the_settings_changed_but_not_other_errors(tmp_path, monkeypatch):
-    import cyclex.adapters
-    import cyclex.cycle.report_html
     from cyclex.demo import run_demo as demo
 
     calls = []
@@ -339,13 +344,7 @@ def test_demo_starts_its_own_run_over_when_the_settings_changed_but_not_other_er
             raise rf.RunSettingsChanged(f"{out} differs in map_blur", ["map_blur"])
         return {"cyclic_rate": None, "n": 0, "per_finding": {}}
 
-    monkeypatch.setattr(demo, "demo_assets", lambda names: {n: {"tailored": tmp_path, "generator": tmp_path}
-                                                            for n in names})
-    monkeypatch.setattr(demo, "shortcut_marker_overlap", lambda run: {})
-    monkeypatch.setattr(rf, "run_explain", fake_run_explain)
-    monkeypatch.setattr(cyclex.adapters, "load_generator", lambda spec: brightness_generator())
-    monkeypatch.setattr(cyclex.cycle.report_html, "write_run_report", lambda out: None)
-    monkeypatch.setattr(cyclex.cycle.report_html, "write_comparison_report", lambda runs, out: out)
+    _fake_demo_models(monkeypatch, tmp_path, fake_run_explain)
     demo.run_demo(tmp_path / "demo", n_images=1, names=("clean",), progress=False)
     assert calls == [False, True]  # refused with the old settings, then started over
 
