@@ -33,6 +33,7 @@ from cyclex.explain.frames import (
     DEFAULT_K,
     DEFAULT_THRESHOLD_CANDIDATES,
     FeatureFrame,
+    check_kernel,
     difference_maps,
     estimate_chest_box,
     feature_frame,
@@ -225,9 +226,7 @@ class CyclicExplainer:
         self.frame_blur = int(frame_blur)
         self.frame_candidates = tuple(float(c) for c in frame_candidates)
         self.frame_normalize = bool(frame_normalize)
-        if int(map_blur) < 1 or int(map_blur) % 2 == 0:
-            raise ValueError(f"map_blur must be an odd Gaussian kernel size >= 1, got {map_blur}")
-        self.map_blur = int(map_blur)
+        self.map_blur = check_kernel("map_blur", map_blur)
         self.estimate_chest_boxes = bool(estimate_chest_boxes)
         self.seed = int(seed)
         self.difference_reference = difference_reference

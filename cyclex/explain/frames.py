@@ -77,6 +77,13 @@ def box_mask(chest_box: Sequence[int], shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+def check_kernel(name: str, size: int) -> int:
+    """A Gaussian kernel side as OpenCV takes it (odd, >= 1; 1 = no blur), or a ValueError naming `name`."""
+    if int(size) != size or size < 1 or size % 2 == 0:
+        raise ValueError(f"{name} must be an odd kernel size >= 1, got {size}")
+    return int(size)
+
+
 def difference_maps(query, counterfactual, chest_box: Sequence[int] | None = None, positive_blur: int = 1):
     """(abs, signed, positive) float32 (H, W) maps on the [0, 1] scale.
 
@@ -87,8 +94,7 @@ def difference_maps(query, counterfactual, chest_box: Sequence[int] | None = Non
     query's sensor noise is in I - CF wherever the counterfactual does not copy it pixel for pixel;
     the frame's 5 x 5 blur (seed 003) averages it out of the map as it does out of the frame.
     """
-    if positive_blur < 1 or positive_blur % 2 == 0:
-        raise ValueError(f"positive_blur must be an odd kernel size >= 1, got {positive_blur}")
+    check_kernel("positive_blur", positive_blur)
     q, c = _check_pair(query, counterfactual)
     signed = q - c
     inside = box_mask(chest_box, signed.shape) if chest_box is not None else None
@@ -136,8 +142,7 @@ class FeatureFrame:
 
 def _blurred_difference(query, counterfactual, blur: int, chest_box, normalize: bool = False) -> np.ndarray:
     abs_map, _, _ = difference_maps(query, counterfactual, chest_box=chest_box)
-    if blur < 1 or blur % 2 == 0:
-        raise ValueError(f"blur must be an odd kernel size >= 1, got {blur}")
+    check_kernel("blur", blur)
     scaled = abs_map * 255.0  # seed 003 thresholds on the 0-255 scale
     if normalize and scaled.max() > 0:
         # (choice) stretch D so its maximum is 255: L becomes a share of the strongest change
