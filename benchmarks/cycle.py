@@ -11,8 +11,10 @@ counting only removals that changed no other finding, and the time `cyclex demo`
 models cached (with the demo's own settings).
 Goals: cyclic rate >= 0.7; clean pixel AUC >= 0.85; marker overlap >= 0.8 (shortcut), <= 0.1 (clean).
 The headline is the issue's: plain DDIM, maps against the query (I - CF). `alternatives` repeats the
-measures for other makers / difference references (VARIANT:REFERENCE, `--alternatives`); there the
-"positive difference map" is max(R - CF, 0) when the reference is the reconstruction R.
+measures for other makers / difference references / guidances (VARIANT:REFERENCE[@OMEGA],
+`--alternatives`; without @OMEGA the headline's omega); there the "positive difference map" is
+max(R - CF, 0) when the reference is the reconstruction R. The headline runs at the demo's omega
+(chosen on validation phantoms by benchmarks/demo_guidance.py); `ddim:query@7.5` is the paper's.
 Runs live in benchmarks/.work/cycle and are resumed by a later call (`--fresh` starts over).
 """
 
@@ -33,7 +35,8 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results" / "cycle.json"
 WORK = Path(__file__).parent / ".work" / "cycle"
 BENCH_SEED = 7_331  # held out from training and from the demo's query set
-DEFAULT_ALTERNATIVES = ("ddim:reconstruction", "negative-prompt:query", "direct:query", "direct:reconstruction")
+# omega 1 (the demo's) leaves nothing to negative prompts and direct inversion: both act through guidance
+DEFAULT_ALTERNATIVES = ("ddim:query@7.5", "ddim:reconstruction", "negative-prompt:query@7.5", "direct:query@7.5")
 
 
 def pixel_aucs(run: Path, chest_boxes: dict[str, list[int] | None], verified_only: bool = False,
@@ -230,10 +233,13 @@ def main(argv: list[str] | None = None) -> dict:
     # plain DDIM against the query): where the demo's tiny SD limits the plain maker, what helps.
     result["alternatives"] = {}
     for config in args.alternatives:
-        variant, _, reference = config.partition(":")
-        generators = measure(variant, reference or "query", records, chest_boxes, args, assets,
-                             WORK / config.replace(":", "-"), truth)
+        config_name, _, omega = config.partition("@")
+        variant, _, reference = config_name.partition(":")
+        settings = argparse.Namespace(**{**vars(args), "guidance": float(omega) if omega else args.guidance})
+        generators = measure(variant, reference or "query", records, chest_boxes, settings, assets,
+                             WORK / config.replace(":", "-").replace("@", "-omega-"), truth)
         result["alternatives"][config] = {"variant": variant, "difference_reference": reference or "query",
+                                          "guidance": settings.guidance,
                                           "generators": generators, "goals": goals_of(generators)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
