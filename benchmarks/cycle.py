@@ -161,6 +161,21 @@ def measure(variant: str, difference_reference: str, records: list, chest_boxes:
     return generators
 
 
+def held_out_queries(n: int, seed: int, folder: Path) -> tuple[list, dict, tuple[dict, object]]:
+    """n demo query phantoms of `seed` written to `folder`: (records, chest boxes by id, truth for `measure`).
+
+    The records lose their chest box: frames are computed on the whole image (the marker lies outside
+    the chest), and the pixel AUC is restricted to the box afterwards.
+    """
+    from cyclex.datasets.phantom import read_phantom_folder, write_phantom_folder
+    from cyclex.demo.run_demo import demo_query_config, demo_query_phantoms
+
+    phantoms = demo_query_phantoms(n, seed=seed)
+    records = read_phantom_folder(write_phantom_folder(phantoms, folder))
+    chest_boxes = {record["id"]: record.pop("chest_box", None) for record in records}
+    return records, chest_boxes, ({p.id: p for p in phantoms}, demo_query_config())
+
+
 def goals_of(generators: dict, demo_seconds: float | None = None) -> dict:
     clean, shortcut = generators.get("clean", {}), generators.get("shortcut", {})
     goals = {
@@ -178,7 +193,6 @@ def goals_of(generators: dict, demo_seconds: float | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from cyclex.datasets.phantom import read_phantom_folder, write_phantom_folder
     from cyclex.demo.run_demo import (
         DEMO_CHECKPOINT,
         DEMO_FRAME_NORMALIZE,
@@ -186,8 +200,6 @@ def main(argv: list[str] | None = None) -> dict:
         DEMO_GUIDANCE,
         DEMO_STRENGTH,
         demo_assets,
-        demo_query_config,
-        demo_query_phantoms,
     )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -212,13 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     assets = demo_assets()
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
-    phantoms = demo_query_phantoms(args.n, seed=BENCH_SEED)
-    phantom_dir = write_phantom_folder(phantoms, WORK / "phantoms")
-    truth = ({p.id: p for p in phantoms}, demo_query_config())
-    records = read_phantom_folder(phantom_dir)
-    chest_boxes = {}
-    for record in records:  # frames on the whole image; AUC restricted to the chest box below
-        chest_boxes[record["id"]] = record.pop("chest_box", None)
+    records, chest_boxes, truth = held_out_queries(args.n, BENCH_SEED, WORK / "phantoms")
     frame_threshold = args.frame_threshold if args.frame_threshold == "stable" else float(args.frame_threshold)
     result: dict = {"n_phantoms": args.n, "steps": args.steps, "guidance": args.guidance, "strength": args.strength,
                     "frame_threshold": frame_threshold, "frame_normalize": args.frame_normalize, "checkpoint": args.checkpoint,

@@ -46,17 +46,8 @@ def choose_guidance(sweep: dict[str, dict]) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from benchmarks.cycle import measure
-    from cyclex.datasets.phantom import read_phantom_folder, write_phantom_folder
-    from cyclex.demo.run_demo import (
-        DEMO_CHECKPOINT,
-        DEMO_FRAME_NORMALIZE,
-        DEMO_FRAME_THRESHOLD,
-        DEMO_STRENGTH,
-        demo_assets,
-        demo_query_config,
-        demo_query_phantoms,
-    )
+    from benchmarks.cycle import held_out_queries, measure
+    from cyclex.demo import run_demo as demo
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100, help="validation phantoms")
@@ -65,19 +56,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fresh", action="store_true", help="delete earlier runs first (default: resume them)")
     args = parser.parse_args(argv)
 
-    assets = demo_assets()
+    assets = demo.demo_assets()
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
-    phantoms = demo_query_phantoms(args.n, seed=VALIDATION_SEED)
-    records = read_phantom_folder(write_phantom_folder(phantoms, WORK / "phantoms"))
-    chest_boxes = {record["id"]: record.pop("chest_box", None) for record in records}
-    truth = ({p.id: p for p in phantoms}, demo_query_config())
+    records, chest_boxes, truth = held_out_queries(args.n, VALIDATION_SEED, WORK / "phantoms")
     sweep: dict[str, dict] = {}
     for omega in args.guidances:
         started = time.perf_counter()
-        settings = argparse.Namespace(steps=args.steps, guidance=omega, strength=DEMO_STRENGTH,
-                                      frame_threshold=DEMO_FRAME_THRESHOLD, frame_normalize=DEMO_FRAME_NORMALIZE,
-                                      checkpoint=DEMO_CHECKPOINT, map_blur=5)
+        settings = argparse.Namespace(steps=args.steps, guidance=omega, strength=demo.DEMO_STRENGTH,
+                                      frame_threshold=demo.DEMO_FRAME_THRESHOLD,
+                                      frame_normalize=demo.DEMO_FRAME_NORMALIZE, checkpoint=demo.DEMO_CHECKPOINT,
+                                      map_blur=5)
         generators = measure("ddim", "query", records, chest_boxes, settings, assets, WORK / f"omega-{omega:g}", truth)
         sweep[f"{omega:g}"] = {"generators": generators, "meets_other_goals": meets_other_goals(generators)}
         clean, shortcut = generators["clean"], generators["shortcut"]
@@ -85,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"clean AUC {clean['pixel_auc_positive_diff']:.3f}, marker {shortcut['shortcut_marker_overlap_rate']} / "
               f"{clean['shortcut_marker_overlap_rate']} ({time.perf_counter() - started:.0f} s)", flush=True)
     result = {"n_phantoms": args.n, "validation_seed": VALIDATION_SEED, "steps": args.steps,
-              "strength": DEMO_STRENGTH, "checkpoint": DEMO_CHECKPOINT, "map_blur": 5,
+              "strength": demo.DEMO_STRENGTH, "checkpoint": demo.DEMO_CHECKPOINT, "map_blur": 5,
               "rule": "highest clean pixel AUC among the omegas meeting issue 5's other goals",
               "chosen_guidance": choose_guidance(sweep), "sweep": sweep}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

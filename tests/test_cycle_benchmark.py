@@ -65,3 +65,15 @@ def test_ceiling_is_the_exact_counterfactual_and_noise_caps_the_unsmoothed_map(t
     # the query's noise lights up max(I - CF, 0) everywhere; the 5 x 5 blur averages most of it out
     assert noisy["unsmoothed"] < noiseless["unsmoothed"] - 0.05
     assert noisy["smoothed"] > noisy["unsmoothed"] + 0.05
+
+
+def test_held_out_queries_keep_chest_boxes_apart_and_the_truth(tmp_path):
+    from benchmarks.cycle import held_out_queries
+    from cyclex.demo.run_demo import demo_query_phantoms
+
+    records, chest_boxes, (phantoms, config) = held_out_queries(3, 11, tmp_path / "phantoms")
+    expected = demo_query_phantoms(3, seed=11)
+    assert [r["id"] for r in records] == [p.id for p in expected] == list(phantoms)
+    assert all("chest_box" not in r for r in records)  # frames on the whole image
+    assert chest_boxes == {p.id: list(p.chest_box) for p in expected}
+    assert config.mask_min_change > 0 and config.shortcut is not None
