@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Gaussian kernel smoothing the positive map (cyclex's default 5; 1: raw)")
     parser.add_argument("--checkpoint", default=DEMO_CHECKPOINT, help="best_psnr | final | ... of the tailored SD")
     parser.add_argument("--alternatives", nargs="*", default=list(DEFAULT_ALTERNATIVES),
-                        help="VARIANT:REFERENCE configurations measured besides plain DDIM against the query")
+                        help="VARIANT:REFERENCE[@OMEGA] configurations measured besides the headline")
     parser.add_argument("--skip-demo-timing", action="store_true")
     parser.add_argument("--fresh", action="store_true",
                         help="delete earlier runs first (default: resume them; the phantoms are deterministic)")

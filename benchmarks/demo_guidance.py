@@ -9,7 +9,7 @@ among the omegas meeting issue 5's other goals on this set (Cyclic Rate >= 0.7 f
 marker overlap >= 0.8 for `shortcut` and <= 0.1 for `clean`), the one with the highest clean pixel AUC.
 `cyclex.demo.run_demo.DEMO_GUIDANCE` holds that value (a test checks they agree).
 
-Why the demo needs its own omega: the paper's 7.5 suits a full-size SD. The demo's 0.8 M-parameter
+Why the demo needs its own omega: the paper's 7.5 suits a full-size SD. The demo's 1 M-parameter
 UNet inverts at guidance 1 and then samples at omega, and the stronger the guidance the further its
 sampling path leaves the inverted one, everywhere in the image, not only where the finding was.
 """
