@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         DEMO_STRENGTH,
         demo_assets,
     )
+    from cyclex.explain.frames import DEFAULT_BLUR
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="held-out phantoms")
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="L on 0-255, or 'stable' (95 +- 10 chosen per item)")
     parser.add_argument("--frame-normalize", action=argparse.BooleanOptionalAction, default=DEMO_FRAME_NORMALIZE,
                         help="stretch |I - CF| to a maximum of 255 before thresholding")
-    parser.add_argument("--map-blur", type=int, default=5,
+    parser.add_argument("--map-blur", type=int, default=DEFAULT_BLUR,
                         help="Gaussian kernel smoothing the positive map (cyclex's default 5; 1: raw)")
     parser.add_argument("--checkpoint", default=DEMO_CHECKPOINT, help="best_psnr | final | ... of the tailored SD")
     parser.add_argument("--alternatives", nargs="*", default=list(DEFAULT_ALTERNATIVES),

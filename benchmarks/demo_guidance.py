@@ -48,6 +48,7 @@ def choose_guidance(sweep: dict[str, dict]) -> float | None:
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.cycle import held_out_queries, measure
     from cyclex.demo import run_demo as demo
+    from cyclex.explain.frames import DEFAULT_BLUR
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100, help="validation phantoms")
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = argparse.Namespace(steps=args.steps, guidance=omega, strength=demo.DEMO_STRENGTH,
                                       frame_threshold=demo.DEMO_FRAME_THRESHOLD,
                                       frame_normalize=demo.DEMO_FRAME_NORMALIZE, checkpoint=demo.DEMO_CHECKPOINT,
-                                      map_blur=5)
+                                      map_blur=DEFAULT_BLUR)
         generators = measure("ddim", "query", records, chest_boxes, settings, assets, WORK / f"omega-{omega:g}", truth)
         sweep[f"{omega:g}"] = {"generators": generators, "meets_other_goals": meets_other_goals(generators)}
         clean, shortcut = generators["clean"], generators["shortcut"]
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"clean AUC {clean['pixel_auc_positive_diff']:.3f}, marker {shortcut['shortcut_marker_overlap_rate']} / "
               f"{clean['shortcut_marker_overlap_rate']} ({time.perf_counter() - started:.0f} s)", flush=True)
     result = {"n_phantoms": args.n, "validation_seed": VALIDATION_SEED, "steps": args.steps,
-              "strength": demo.DEMO_STRENGTH, "checkpoint": demo.DEMO_CHECKPOINT, "map_blur": 5,
+              "strength": demo.DEMO_STRENGTH, "checkpoint": demo.DEMO_CHECKPOINT, "map_blur": DEFAULT_BLUR,
               "rule": "highest clean pixel AUC among the omegas meeting issue 5's other goals",
               "chosen_guidance": choose_guidance(sweep), "sweep": sweep}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

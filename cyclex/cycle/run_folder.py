@@ -45,7 +45,7 @@ from cyclex.atomic_io import (
     write_text_atomic,
 )
 from cyclex.cycle.explainer import CycleResult, CyclicExplainer, cyclic_rate
-from cyclex.explain.frames import draw_frame, normalize_map, show_map_on_image
+from cyclex.explain.frames import DEFAULT_BLUR, draw_frame, normalize_map, show_map_on_image
 from cyclex.findings import ABNORMALITIES, canonical_finding, finding_slug
 
 logger = logging.getLogger(__name__)
@@ -372,7 +372,7 @@ def run_explain(
     frame_threshold: float | str | Mapping[str, float] = "stable",
     frame_k: int = 5,
     frame_normalize: bool = False,
-    map_blur: int = 5,
+    map_blur: int = DEFAULT_BLUR,
     estimate_chest_boxes: bool = False,
     difference_reference: str = "query",
     overwrite: bool = False,
