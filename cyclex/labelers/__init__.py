@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from cyclex.labelers.base import Labeler
-from cyclex.labelers.registry import check_report_texts, label_csv, load_labeler
+from cyclex.labelers.base import Labeler, check_report_texts
+from cyclex.labelers.registry import label_csv, load_labeler
 
 if TYPE_CHECKING:
     from cyclex.labelers.chexbert import CheXbertLabeler

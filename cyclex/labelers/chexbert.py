@@ -29,7 +29,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, BertTokenizer
 
 from cyclex.findings import ABNORMALITIES, FINDINGS, NO_FINDING, FindingLabels, LabelState
-from cyclex.labelers.registry import check_report_texts
+from cyclex.labelers.base import check_report_texts
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Finding labelers by name (`load_labeler`), the report checks they share, and the CSV round trip.
+"""Finding labelers by name (`load_labeler`) and the CSV round trip.
 
 Specs understood by `load_labeler`:
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 from cyclex.findings import FINDINGS, FindingLabels
@@ -24,28 +23,6 @@ from cyclex.labelers.base import Labeler
 RULES_SPEC = "rules"
 CHEXBERT_PREFIX = "chexbert:"
 TOKENIZER_SEPARATOR = "::"
-
-
-def check_report_texts(reports: Iterable[str], *, labeler: str) -> list[str]:
-    """Return `reports` as a list after checking that every item is a `str`.
-
-    A single string is refused (iterating it would label each character); `None` or any other
-    non-string item raises a `TypeError` that names its position and type. Empty strings are valid:
-    labelers return all-blank labels for them.
-    """
-    if isinstance(reports, (str, bytes)):
-        raise TypeError(f"{labeler}: `reports` must be a sequence of report strings, not a single "
-                        f"{type(reports).__name__}; wrap it in a list")
-    try:
-        items = list(reports)
-    except TypeError:
-        raise TypeError(f"{labeler}: `reports` must be a sequence of report strings, "
-                        f"got {type(reports).__name__}") from None
-    for position, report in enumerate(items):
-        if not isinstance(report, str):
-            raise TypeError(f"{labeler}: report at position {position} must be a str, "
-                            f"got {type(report).__name__} ({report!r:.60})")
-    return items
 
 
 def load_labeler(spec: str) -> Labeler:

@@ -69,7 +69,7 @@ from spacy.matcher import Matcher, PhraseMatcher
 from spacy.tokens import Doc, Span
 
 from cyclex.findings import ABNORMALITIES, NO_FINDING, FindingLabels, LabelState
-from cyclex.labelers.registry import check_report_texts
+from cyclex.labelers.base import check_report_texts
 
 logger = logging.getLogger(__name__)
 
