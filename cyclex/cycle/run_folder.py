@@ -47,6 +47,7 @@ from cyclex.atomic_io import (
 from cyclex.cycle.explainer import CycleResult, CyclicExplainer, cyclic_rate
 from cyclex.explain.frames import DEFAULT_BLUR, draw_frame, normalize_map, show_map_on_image
 from cyclex.findings import ABNORMALITIES, canonical_finding, finding_slug
+from cyclex.jsonl import to_json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -137,18 +138,6 @@ def _check_config(out: Path, config: dict[str, Any], overwrite: bool) -> None:
     write_json_atomic(path, config)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _write_item(out: Path, record: Mapping[str, Any], result: CycleResult, settings: dict[str, Any]) -> dict[str, Any]:
     """PNGs and maps of one item, then its record (written last: it marks the item finished)."""
     image_dir = safe_name(result.image_id)
@@ -198,14 +187,14 @@ def _write_item(out: Path, record: Mapping[str, Any], result: CycleResult, setti
         line["mask_png"] = str(target)
     for key in ("shortcut", "shortcut_box"):
         if key in record:
-            line[key] = _jsonable(record[key])
+            line[key] = to_json_safe(record[key])
     if record.get("shortcut_mask"):  # phantoms: where the spurious marker is, for shortcut audits
         marker = Path(record["shortcut_mask"])
         if not marker.is_file():
             raise FileNotFoundError(f"record {result.image_id!r}: shortcut mask {marker} does not exist")
         write_bytes_atomic(out / rel / "shortcut_mask.png", marker.read_bytes())
         line["shortcut_mask_png"] = str(rel / "shortcut_mask.png")
-    line = _jsonable(line)
+    line = to_json_safe(line)
     write_json_atomic(out / "records" / image_dir / f"{finding_slug(result.finding)}.json", line)
     return line
 
@@ -286,7 +275,7 @@ def run_explainer(
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"image ids must be unique; repeated: {duplicates[:5]}")
     wanted = sorted({canonical_finding(f) for f in findings}, key=ABNORMALITIES.index) if findings else None
-    config = _jsonable({
+    config = to_json_safe({
         **dict(run_settings or {}),
         **explainer.settings(),
         "findings": wanted,

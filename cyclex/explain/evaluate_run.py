@@ -47,7 +47,7 @@ from cyclex.explain.faithfulness import (
     ssim,
 )
 from cyclex.explain.scores import CFThresholds, cf_score, fet_score
-from cyclex.jsonl import read_jsonl
+from cyclex.jsonl import read_jsonl, to_json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, classifier: Classifier | None = 
         rows.append(row)
 
     # 4. Write per-item metrics and aggregates
-    _atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
+    _atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(to_json_safe(r)) + "\n" for r in rows))
     verified = [r for r in rows if r["verified"]]
     summary = {"all": _aggregate(rows), "verified": _aggregate(verified),
                "settings": {"map_kind": config.map_kind, "boundary_radius": config.boundary_radius,
@@ -249,7 +249,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, classifier: Classifier | None = 
         summary["figures"] = _draw(run_dir / "figures", rows, curves, config)
     summary_path = run_dir / "summary.json"
     existing = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
-    existing["metrics"] = _jsonable(summary)
+    existing["metrics"] = to_json_safe(summary)
     _atomic_write(summary_path, json.dumps(existing, indent=2))
     return existing["metrics"]
 
@@ -292,19 +292,6 @@ def _draw(figure_dir: Path, rows: list[dict], curves: dict, config: EvaluationCo
             {k: (c["threshold_iou"]["thresholds"], c["threshold_iou"]["ious"], c["threshold_iou"]["auc_iou"])
              for k, c in by_label.items()}, figure_dir / "threshold_iou.png").name
     return {k: f"figures/{v}" for k, v in drawn.items()}
-
-
-def _jsonable(value):
-    """NaN / inf -> None so the JSON stays standard."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import torch
 from cyclex.adapters.base import ReportGenerator, check_image_batch, check_reports
 from cyclex.atomic_io import write_jsonl_atomic
 from cyclex.findings import ABNORMALITIES, FINDINGS, FindingLabels, LabelState, StructuredPrompt
+from cyclex.jsonl import read_jsonl
 from cyclex.tailored_training.config import PROMPT_SOURCES, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -165,22 +166,6 @@ def read_image_source(source: str | Path) -> list[ImageRecord]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSONL file, skipping a truncated last line (what a crash mid-write leaves)."""
-    if not path.is_file():
-        return []
-    rows = []
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("skipping unreadable line %d of %s (interrupted write?)", number, path)
-    return rows
-
-
 def _append_jsonl(path: Path, rows: Sequence[dict]) -> None:
     if not rows:
         return
@@ -285,7 +270,9 @@ def build_tailored_dataset(
 
     # 1. Reuse finished items from the append-only cache.
     cache_path = out / CACHE_NAME
-    cached = {row["id"]: row for row in read_jsonl(cache_path) if "id" in row and isinstance(row.get("report"), str)}
+    # skip_unreadable: a crash mid-append leaves a torn line; its image is simply generated again
+    cache_rows = read_jsonl(cache_path, skip_unreadable=True) if cache_path.is_file() else []
+    cached = {row["id"]: row for row in cache_rows if "id" in row and isinstance(row.get("report"), str)}
     todo = [r for r in records if r.id not in cached]
     if cached:
         logger.info("reusing %d cached reports from %s; %d images to go", len(records) - len(todo), cache_path, len(todo))
@@ -391,7 +378,7 @@ def read_manifest(path: str | Path) -> list[dict]:
         path = path / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist; build it with build_tailored_dataset")
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, skip_unreadable=True)
     if not rows:
         raise EmptyDatasetError(f"manifest {path} has no rows")
     for number, row in enumerate(rows, start=1):
