@@ -3,7 +3,8 @@
 Image convention shared by all of cyclex: a batch of grayscale X-rays is a float32 tensor of shape
 (B, 1, H, W) with values in [0, 1]. Multi-view generators (R2Gen on iu_xray) take (B, V, 1, H, W);
 given a single-view batch they repeat the view. Each adapter converts to what its model needs
-(RGB, resize, normalisation) inside `generate`.
+(RGB, resize, normalisation) inside `generate`, after `cyclex.image_checks.check_image_batch(images,
+views=True)` (what `generate_in_batches` does).
 """
 
 from __future__ import annotations
@@ -39,21 +40,6 @@ class ReportGenerator(Protocol):
     def generate(self, images: torch.Tensor) -> list[str]:
         """images: (B, 1, H, W) or (B, V, 1, H, W) float in [0, 1] -> B report strings."""
         ...
-
-
-def check_image_batch(images: torch.Tensor, *, name: str = "images") -> torch.Tensor:
-    """Validate the shared image convention and return the batch as float32."""
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (B, 1, H, W), got {type(images).__name__}")
-    if images.ndim not in (4, 5) or images.shape[-3] != 1:
-        raise ValueError(f"{name} must have shape (B, 1, H, W) or (B, V, 1, H, W), got {tuple(images.shape)}")
-    images = images.float()
-    if torch.isnan(images).any():
-        raise ValueError(f"{name} contains NaN values")
-    lo, hi = float(images.min()), float(images.max())
-    if lo < -1e-4 or hi > 1 + 1e-4:
-        raise ValueError(f"{name} must be in [0, 1], got values in [{lo:.3f}, {hi:.3f}]")
-    return images.clamp(0, 1)
 
 
 def check_reports(reports: object, expected: int, *, generator: str) -> list[str]:

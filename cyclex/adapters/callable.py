@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from cyclex.adapters.base import GeneratorError, GeneratorInfo, check_image_batch, check_reports
+from cyclex.adapters.base import GeneratorError, GeneratorInfo, check_reports
+from cyclex.image_checks import check_image_batch
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def generate_in_batches(
     Returns B strings. Any exception raised by `generate_batch`, or an answer that is not a list of
     one string per image, becomes a `GeneratorError` naming the generator and the failing chunk.
     """
-    images = check_image_batch(images)
+    images = check_image_batch(images, views=True)
     total = images.shape[0]
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")

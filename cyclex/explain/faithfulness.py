@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cyclex.adapters.base import check_image_batch
+from cyclex.image_checks import check_image_batch
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ def as_image_batch(images: torch.Tensor | np.ndarray, *, name: str = "images") -
         images = images[None, None]
     elif images.ndim == 3 and images.shape[0] == 1:
         images = images[None]
-    if images.ndim != 4:
-        raise ValueError(f"{name} must have shape (B, 1, H, W), got {tuple(images.shape)}")
     return check_image_batch(images.detach().cpu(), name=name)
 
 

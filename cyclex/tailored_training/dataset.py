@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cyclex.adapters.base import ReportGenerator, check_image_batch, check_reports
+from cyclex.adapters.base import ReportGenerator, check_reports
 from cyclex.atomic_io import write_jsonl_atomic
 from cyclex.findings import ABNORMALITIES, FINDINGS, FindingLabels, LabelState, StructuredPrompt
+from cyclex.image_checks import check_image_batch
 from cyclex.jsonl import read_jsonl
 from cyclex.tailored_training.config import PROMPT_SOURCES, write_json_atomic
 
