@@ -1,68 +1,99 @@
 """Counterfactual makers: one file per variant, one interface (`CounterfactualMaker`).
 
-Variants register a factory under a name; the engine and the CLI build makers through
-`create_maker(name, pipe, **settings)` and never branch on the name. Names not registered yet are
-looked up on first use by importing, in order: the module `cyclex.counterfactuals.<name>` (dashes
-as underscores), every `cyclex.counterfactuals.registry_*` module, and the `cyclex.makers` entry
-points of installed packages; each of these registers its variants with `register_maker`.
+The layer between the metric core (`cyclex.explain`) and the cyclic engine (`cyclex.cycle`):
+makers take their models (and, for the search, their scorer) as arguments and never look anything
+up by name. `inversion.py` is the shared DDIM inversion-and-sampling base; `ddim.py`, `nti.py` and
+`fast_inversion.py` are variants of it; `search_maker.py` wraps them in seed 000's search.
+
+The registry is one static table, `BUILTIN_MAKERS` (variant name -> factory), plus the
+`cyclex.makers` entry points of installed packages and whatever `register_maker` adds at run time.
+The engine and the CLI build makers through `create_maker(name, pipe, **settings)` and never branch
+on the name.
 """
 
 from __future__ import annotations
 
-import importlib
+import logging
 from collections.abc import Callable
 
 from cyclex.counterfactuals.base import CounterfactualMaker, CounterfactualOutput
 
+logger = logging.getLogger(__name__)
+
 MakerFactory = Callable[..., CounterfactualMaker]
-_MAKERS: dict[str, MakerFactory] = {}
+
+
+# Factories import their variant when called, so listing the variants stays cheap (no torch models built).
+def _ddim(pipe, **settings) -> CounterfactualMaker:
+    from cyclex.counterfactuals.ddim import DDIMCounterfactualMaker
+
+    return DDIMCounterfactualMaker(pipe, **settings)
+
+
+def _nti(pipe, **settings) -> CounterfactualMaker:
+    from cyclex.counterfactuals.nti import NullTextInversionMaker
+
+    return NullTextInversionMaker(pipe, **settings)
+
+
+def _negative_prompt(pipe, **settings) -> CounterfactualMaker:
+    from cyclex.counterfactuals.fast_inversion import NegativePromptInversionMaker
+
+    return NegativePromptInversionMaker(pipe, **settings)
+
+
+def _direct(pipe, **settings) -> CounterfactualMaker:
+    from cyclex.counterfactuals.fast_inversion import DirectInversionMaker
+
+    return DirectInversionMaker(pipe, **settings)
+
+
+BUILTIN_MAKERS: dict[str, MakerFactory] = {
+    "ddim": _ddim,
+    "nti": _nti,
+    "negative-prompt": _negative_prompt,
+    "direct": _direct,
+}
+
+_REGISTERED: dict[str, MakerFactory] = {}  # register_maker's additions (win over built-ins and plugins)
+_PLUGINS: dict[str, MakerFactory] | None = None  # `cyclex.makers` entry points, read once
 
 
 def register_maker(name: str, factory: MakerFactory) -> None:
     """Register `factory(pipe, **settings) -> CounterfactualMaker` under `name` (last one wins)."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"maker name must be a non-empty string, got {name!r}")
-    _MAKERS[name.strip().lower()] = factory
+    _REGISTERED[name.strip().lower()] = factory
 
 
-_DISCOVERED = False
+def _plugins() -> dict[str, MakerFactory]:
+    global _PLUGINS
+    if _PLUGINS is None:
+        from importlib.metadata import entry_points
+
+        _PLUGINS = {}
+        for entry in entry_points(group="cyclex.makers"):
+            try:
+                _PLUGINS[entry.name.strip().lower()] = entry.load()
+            except Exception as err:  # one broken plugin must not take the built-in variants down
+                logger.warning("cyclex.makers entry point %r (%s) failed to load, skipped: %s", entry.name, entry.value, err)
+    return _PLUGINS
 
 
-def _discover() -> None:
-    """Import the registry_* modules of this package and the `cyclex.makers` entry points (once)."""
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    _DISCOVERED = True
-    import pkgutil
-    from importlib.metadata import entry_points
-
-    for module in pkgutil.iter_modules(__path__):
-        if module.name.startswith("registry_"):
-            importlib.import_module(f"{__name__}.{module.name}")
-    for entry in entry_points(group="cyclex.makers"):
-        register_maker(entry.name, entry.load())
+def _all_makers() -> dict[str, MakerFactory]:
+    return {**BUILTIN_MAKERS, **_plugins(), **_REGISTERED}
 
 
 def available_makers() -> tuple[str, ...]:
-    _discover()
-    return tuple(sorted(_MAKERS))
+    return tuple(sorted(_all_makers()))
 
 
 def get_maker_factory(name: str) -> MakerFactory:
     key = str(name).strip().lower()
-    module = key.replace("-", "_")
-    if key not in _MAKERS and module.isidentifier():
-        try:
-            importlib.import_module(f"{__name__}.{module}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{module}":
-                raise
-    if key not in _MAKERS:
-        _discover()
-    if key not in _MAKERS:
-        raise KeyError(f"unknown counterfactual variant {name!r}; registered: {', '.join(available_makers())}")
-    return _MAKERS[key]
+    makers = _all_makers()
+    if key not in makers:
+        raise KeyError(f"unknown counterfactual variant {name!r}; registered: {', '.join(sorted(makers))}")
+    return makers[key]
 
 
 def create_maker(name: str, pipe, **settings) -> CounterfactualMaker:
@@ -70,15 +101,8 @@ def create_maker(name: str, pipe, **settings) -> CounterfactualMaker:
     return get_maker_factory(name)(pipe, **settings)
 
 
-def _ddim_factory(pipe, **settings) -> CounterfactualMaker:
-    from cyclex.counterfactuals.ddim import DDIMCounterfactualMaker
-
-    return DDIMCounterfactualMaker(pipe, **settings)
-
-
-register_maker("ddim", _ddim_factory)
-
 __all__ = [
+    "BUILTIN_MAKERS",
     "CounterfactualMaker",
     "CounterfactualOutput",
     "available_makers",

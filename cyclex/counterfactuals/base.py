@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +37,15 @@ class CounterfactualMaker(abc.ABC):
     Requests come batched: item i asks to turn `images[i]`, described by `source_prompts[i]`, into
     the image described by `target_prompts[i]`. The engine batches the findings of one image and the
     images of one batch together, so the same (image, source prompt) pair often repeats; makers
-    should invert it once (see the DDIM maker's inversion cache).
+    should invert it once (see `InvertThenEditMaker`'s inversion cache).
+
+    `masks` (B, 1, H, W) in {0, 1} mean the same in every maker: the edit is confined to the mask.
+    Diffusion makers keep the latent outside the mask on the query's inversion at every step and paste
+    the query's pixels back outside it (`paste_query_outside_mask`); other makers must at least leave
+    the query's pixels unchanged outside the mask.
+
+    Optional hooks are declared here as documented no-ops; the engine and the run folder call them on
+    every maker: `set_checkpoint_id`, `bind_cycle`, `start_run`, `finish_run`.
     """
 
     name: str = "base"
@@ -69,6 +78,25 @@ class CounterfactualMaker(abc.ABC):
         """The maker's settings, recorded in every result line (JSON-serialisable)."""
         return {"variant": self.name}
 
+    # -- hooks the engine and the run folder call on every maker (no-ops here) ------------------------
+    def set_checkpoint_id(self, checkpoint_id: str) -> None:
+        """Names the weights the maker runs on (`tailored_dir::checkpoint`), for cache keys and settings.
+
+        `CyclicExplainer.from_pretrained` calls it once the checkpoint is loaded: a pipeline's path names
+        the folder, not which UNet was loaded. Makers that cache per weights override it.
+        """
+
+    def bind_cycle(self, generator, labeler, uncertain_as_present: bool = True) -> None:
+        """Hands the engine's generator and labeler to makers that verify candidates themselves (the
+        search regenerates and relabels its candidates); `CyclicExplainer.__init__` calls it."""
+
+    def start_run(self, run_dir: str | Path) -> None:
+        """Called by `run_explainer` before the first batch with the run folder the maker may log into."""
+
+    def finish_run(self, run_dir: str | Path) -> Path | None:
+        """Called by `run_explainer` after the last batch (write run-level summaries); returns what it wrote."""
+        return None
+
     @staticmethod
     def check_request(images: torch.Tensor, source_prompts: Sequence[str], target_prompts: Sequence[str]) -> None:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 1:
@@ -79,3 +107,13 @@ class CounterfactualMaker(abc.ABC):
                 f"need one source and one target prompt per image: {images.shape[0]} images, "
                 f"{len(source_prompts)} source prompts, {len(target_prompts)} target prompts"
             )
+
+    @staticmethod
+    def check_masks(masks: torch.Tensor, batch_size: int, size: tuple[int, int] | None = None) -> None:
+        """masks must be (B, 1, H, W) (H, W = the images' when `size` is given)."""
+        ok = (isinstance(masks, torch.Tensor) and masks.ndim == 4 and masks.shape[0] == batch_size
+              and masks.shape[1] == 1 and (size is None or tuple(masks.shape[-2:]) == tuple(size)))
+        if not ok:
+            shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+            expected = f"(B={batch_size}, 1, {size[0]}, {size[1]})" if size else f"(B={batch_size}, 1, H, W)"
+            raise ValueError(f"masks must be {expected} in {{0, 1}}, got {shape}")

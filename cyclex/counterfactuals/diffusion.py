@@ -19,7 +19,7 @@ Conventions
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -124,21 +124,30 @@ class LatentDiffusion:
         return self._empty_embeds.expand(batch_size, -1, -1)
 
     # -- the UNet ----------------------------------------------------------------------------
+    def eps_single(self, latents: torch.Tensor, t, embeds: torch.Tensor) -> torch.Tensor:
+        """Noise prediction under one set of text embeddings (one UNet pass of N rows)."""
+        eps = self.unet(self.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=embeds.to(self.dtype)).sample
+        self.unet_calls += latents.shape[0]
+        self.unet_forward_passes += 1
+        return eps
+
+    def eps_pair(self, latents: torch.Tensor, t, uncond: torch.Tensor, cond: torch.Tensor):
+        """(eps_uncond, eps_cond) from one UNet pass of 2N rows (classifier-free guidance's two halves)."""
+        n = latents.shape[0]
+        model_in = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        both = self.unet(model_in, t, encoder_hidden_states=torch.cat([uncond, cond]).to(self.dtype)).sample
+        self.unet_calls += 2 * n
+        self.unet_forward_passes += 1
+        return both.chunk(2)
+
     def _eps(
         self, latents: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor,
         uncond: torch.Tensor | None, guidance: float,
     ) -> torch.Tensor:
         """Noise prediction, classifier-free guided when guidance != 1 (one UNet pass of 2B)."""
-        b = latents.shape[0]
         if uncond is None or guidance == 1.0:
-            eps = self.unet(latents, t, encoder_hidden_states=cond).sample
-            self.unet_calls += b
-            self.unet_forward_passes += 1
-            return eps
-        both = self.unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-        self.unet_calls += 2 * b
-        self.unet_forward_passes += 1
-        eps_uncond, eps_cond = both.chunk(2)
+            return self.eps_single(latents, t, cond)
+        eps_uncond, eps_cond = self.eps_pair(latents, t, uncond, cond)
         # Classifier-free guidance (Ho & Salimans): eps_u + w (eps_c - eps_u).
         return eps_uncond + guidance * (eps_cond - eps_uncond)
 
@@ -195,7 +204,7 @@ class LatentDiffusion:
         start_index > 0 skips the first steps of the same schedule (denoising strength
         delta = 1 - start_index / T). uncond_per_step: T tensors (B or 1, L, D) indexed by the
         absolute step index, replacing uncond_embeds at each step (null-text inversion).
-        Returns z_0 (B, C, h, w).
+        Returns z_0 (B, C, h, w). One scalar guidance over `guided_ddim_loop`.
         """
         T = self.num_inference_steps
         if not 0 <= int(start_index) < T:
@@ -204,15 +213,62 @@ class LatentDiffusion:
             raise ValueError(f"uncond_per_step needs one embedding per step ({T}), got {len(uncond_per_step)}")
         b = latents_t.shape[0]
         cond = self._batch_embeds(cond_embeds.to(self.device, self.dtype), b, "cond_embeds")
-        base_uncond = uncond_embeds if uncond_embeds is not None else self.empty_prompt_embeds(b)
-        base_uncond = self._batch_embeds(base_uncond.to(self.device, self.dtype), b, "uncond_embeds")
-        self.scheduler.set_timesteps(T)
-        z = latents_t.to(self.device, self.dtype)
-        for i in range(int(start_index), T):
-            t = self.scheduler.timesteps[i]
-            uncond = base_uncond
-            if uncond_per_step is not None:
-                uncond = self._batch_embeds(uncond_per_step[i].to(self.device, self.dtype), b, f"uncond_per_step[{i}]")
-            eps = self._eps(self.scheduler.scale_model_input(z, t), t, cond, uncond, guidance)
-            z = self.scheduler.step(eps, t, z, eta=0.0).prev_sample
-        return z
+        if uncond_per_step is not None:
+            uncond_steps = torch.stack([
+                self._batch_embeds(u.to(self.device, self.dtype), b, f"uncond_per_step[{i}]")
+                for i, u in enumerate(uncond_per_step)
+            ])
+        else:
+            base = uncond_embeds if uncond_embeds is not None else self.empty_prompt_embeds(b)
+            base = self._batch_embeds(base.to(self.device, self.dtype), b, "uncond_embeds")
+            uncond_steps = base.unsqueeze(0).expand(T, -1, -1, -1)
+        weights = torch.full((b,), float(guidance), device=self.device)
+        return guided_ddim_loop(self, latents_t, cond, uncond_steps, weights, start_index=int(start_index))
+
+
+def guided_ddim_loop(
+    ld: LatentDiffusion,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond_steps: torch.Tensor,
+    guidance: torch.Tensor,
+    start_index: int = 0,
+    step_offset: Callable[[int], torch.Tensor] | None = None,
+    keep_outside: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    controller=None,
+) -> torch.Tensor:
+    """The one DDIM (eta = 0) sampling loop of cyclex: a guidance scale per row, an unconditional
+    embedding per step, optional per-step hooks.
+
+    latents (N, C, h, w) at timesteps[start_index]; cond (N, L, D); uncond_steps (T, N, L, D);
+    guidance (N,). Per step i: eps = eps_u + w (eps_c - eps_u) (one UNet pass of 2N rows; the
+    conditional pass alone when every w is 1 and no controller is given), DDIM step, then
+    `+ step_offset(i)` (direct inversion), `controller.local_blend` (prompt-to-prompt; `controller`
+    also gets `begin_step(i)`), `keep_outside(i, z)` (masked editing: z now sits at timesteps[i + 1]).
+    Returns z_0 (N, C, h, w).
+    """
+    T = ld.num_inference_steps
+    ld.scheduler.set_timesteps(T)
+    w = guidance.to(ld.device, torch.float32).view(-1, 1, 1, 1)
+    # w = 1 everywhere: eps_u + w (eps_c - eps_u) = eps_c, so skip the unconditional half (prompt-to-prompt
+    # keeps its guided batch layout)
+    unguided = controller is None and bool((w == 1.0).all())
+    z = latents.to(ld.device, ld.dtype)
+    cond = cond.to(ld.device, ld.dtype)
+    for i in range(int(start_index), T):
+        t = ld.scheduler.timesteps[i]
+        if controller is not None:
+            controller.begin_step(i)
+        if unguided:
+            eps = ld.eps_single(z, t, cond)
+        else:
+            eps_u, eps_c = ld.eps_pair(z, t, uncond_steps[i].to(ld.device, ld.dtype), cond)
+            eps = (eps_u.float() + w * (eps_c.float() - eps_u.float())).to(ld.dtype)
+        z = ld.scheduler.step(eps, t, z, eta=0.0).prev_sample
+        if step_offset is not None:
+            z = z + step_offset(i).to(z.dtype)
+        if controller is not None:
+            z = controller.local_blend(z)
+        if keep_outside is not None:
+            z = keep_outside(i, z)
+    return z

@@ -18,7 +18,11 @@ from typing import Any
 
 import torch
 
-from cyclex.counterfactuals.nti import Inversion, InvertThenEditMaker, _unet_pair
+from cyclex.counterfactuals.inversion import Inversion, InvertThenEditMaker
+
+# Optimisation-free choices of the unconditional branch, usable wherever a null-text setting is
+# (the search's H_null): negative-prompt inversion (null := source prompt) and direct inversion.
+FAST_NULL_SETTINGS: tuple[str, ...] = ("negative-prompt", "direct")
 
 
 class NegativePromptInversionMaker(InvertThenEditMaker):
@@ -46,7 +50,7 @@ class DirectInversionMaker(InvertThenEditMaker):
         ld.scheduler.set_timesteps(T)
         eps = []
         for i in range(T):
-            eps_u, eps_c = _unet_pair(ld, trajectory[T - i], ld.scheduler.timesteps[i], empty, cond_embeds)
+            eps_u, eps_c = ld.eps_pair(trajectory[T - i], ld.scheduler.timesteps[i], empty, cond_embeds)
             eps.append(torch.stack([eps_u, eps_c], dim=1))  # (B, 2, C, h, w)
         return {"pivot_eps": torch.stack(eps)}  # (T, B, 2, C, h, w)
 

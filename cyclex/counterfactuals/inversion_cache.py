@@ -75,6 +75,10 @@ class InversionCache:
                     "(e.g. RUN/cache/inversions), never the folder of the user's images"
                 )
 
+    def clear(self) -> None:
+        """Forget the entries held in memory (files on disk stay; they are keyed by content)."""
+        self._memory.clear()
+
     def __len__(self) -> int:
         return len(self._memory)
 

@@ -210,7 +210,7 @@ class CyclicExplainer:
         if difference_reference not in DIFFERENCE_REFERENCES:
             raise ValueError(f"difference_reference must be one of {', '.join(map(repr, DIFFERENCE_REFERENCES))}, "
                              f"got {difference_reference!r}")
-        if difference_reference == "reconstruction" and not getattr(maker, "reconstructs_with_fixed_settings", True):
+        if difference_reference == "reconstruction" and not maker.reconstructs_with_fixed_settings:
             raise ValueError(
                 f"difference_reference='reconstruction' needs a maker that uses the same settings for every "
                 f"request; {type(maker).__name__} picks settings per finding, so no single reconstruction "
@@ -230,9 +230,8 @@ class CyclicExplainer:
         self.estimate_chest_boxes = bool(estimate_chest_boxes)
         self.seed = int(seed)
         self.difference_reference = difference_reference
-        bind_cycle = getattr(maker, "bind_cycle", None)
-        if callable(bind_cycle):  # makers that verify candidates themselves (the search) use our cycle
-            bind_cycle(generator, labeler, self.uncertain_as_present)
+        # makers that verify candidates themselves (the search) use our cycle; a no-op for the others
+        maker.bind_cycle(generator, labeler, self.uncertain_as_present)
 
     # -- construction from a tailored SD folder ---------------------------------------------------
     @classmethod
@@ -249,18 +248,23 @@ class CyclicExplainer:
         search: wrap `variant` makers (one per search checkpoint, default best_l2 and best_l1; `checkpoint`
         is then unused) in a `SearchingMaker` (seed 000 Algorithm 1, made cheap). search_kwargs:
         checkpoints, null_settings, strengths, guidances, required_score, order_by_paper_shares.
-        scorer: the search's `CounterfactualScorer`; None: `default_search_scorer(generator)` (phantom
-        stand-ins and calibrated thresholds for the demo generators, seed 000's choices otherwise).
+        scorer: the search's `CounterfactualScorer` (thresholds included), required with search=True;
+        from text specs: `cyclex.specs.scorers.search_scorer_from_specs`.
         """
         from cyclex.counterfactuals import get_maker_factory
         from cyclex.tailored_training import load_tailored_pipeline, read_tailored_metadata
 
         metadata = read_tailored_metadata(tailored_dir)
         if search:
-            from cyclex.counterfactuals.search_maker import SearchingMaker, default_search_scorer
+            from cyclex.counterfactuals.search_maker import SearchingMaker
 
+            if scorer is None:
+                raise ValueError("search=True needs scorer=: the CounterfactualScorer (with its CF_Score thresholds) "
+                                 "that accepts the searched counterfactuals; build one from text specs with "
+                                 "cyclex.specs.scorers.search_scorer_from_specs(classifier, encoder, lpips, "
+                                 "thresholds)")
             maker = SearchingMaker.from_pretrained(
-                tailored_dir, scorer=scorer if scorer is not None else default_search_scorer(generator),
+                tailored_dir, scorer=scorer,
                 variant=variant, device=device, dtype=dtype, maker_kwargs=maker_kwargs, **dict(search_kwargs or {}),
             )
         else:
@@ -268,9 +272,8 @@ class CyclicExplainer:
                 raise ValueError("search_kwargs / scorer are settings of the search; pass search=True")
             pipe = load_tailored_pipeline(tailored_dir, checkpoint=checkpoint, device=device, dtype=dtype)
             maker = get_maker_factory(variant)(pipe, **maker_kwargs)
-            if hasattr(maker, "checkpoint_id"):
-                # the pipeline's path names the folder, not which UNet was loaded: caches key on both
-                maker.checkpoint_id = f"{Path(tailored_dir).resolve()}::{checkpoint}"
+            # the pipeline's path names the folder, not which UNet was loaded: caches key on both
+            maker.set_checkpoint_id(f"{Path(tailored_dir).resolve()}::{checkpoint}")
         if labeler is None:
             from cyclex.labelers import RuleLabeler
 

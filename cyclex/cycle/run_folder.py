@@ -285,10 +285,8 @@ def run_explainer(
     })
     _check_config(out, config, overwrite)
     settings = {k: v for k, v in config.items() if k not in _NON_RESULT_SETTINGS}
-    # optional maker hooks (the search logs its attempts and ablation tables into the run folder)
-    start_run, finish_run = (getattr(explainer.maker, name, None) for name in ("start_run", "finish_run"))
-    if callable(start_run):
-        start_run(out)
+    # maker hooks (the search logs its attempts and ablation tables into the run folder; no-ops otherwise)
+    explainer.maker.start_run(out)
     start = time.perf_counter()
     todo = []
     for record in records:
@@ -315,8 +313,7 @@ def run_explainer(
                                   {"id": str(record["id"]), "findings": sorted(done, key=ABNORMALITIES.index)})
             _write_results(out, records, config, time.perf_counter() - start)
             bar.advance(task, len(chunk))
-    if callable(finish_run):
-        finish_run(out)
+    explainer.maker.finish_run(out)
     return _write_results(out, records, config, time.perf_counter() - start)
 
 
