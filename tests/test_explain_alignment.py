@@ -11,8 +11,6 @@ from cyclex.explain.alignment import (
     alignment_summary,
     annotation_target,
     area_under_iou_curve,
-    box_mask,
-    crop_to_box,
     dilated_boundary,
     hit_rate_curve,
     mask_boundary,
@@ -24,6 +22,7 @@ from cyclex.explain.alignment import (
     top_k_hit,
     top_k_pixels,
 )
+from cyclex.explain.chest_box import box_mask, crop_to_box
 
 RNG = np.random.default_rng(0)
 

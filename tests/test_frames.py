@@ -8,16 +8,14 @@ import pytest
 import torch
 
 from cyclex.explain.frames import (
-    calibrate_thresholds,
+    calibrate_frame_thresholds,
     choose_threshold,
     difference_maps,
-    draw_frame,
     estimate_chest_box,
     feature_frame,
     mask_iou,
-    normalize_map,
-    show_map_on_image,
 )
+from cyclex.explain.overlays import draw_frame, normalize_map, show_map_on_image
 
 
 def _blocks(size=64, blocks=((2, 2, 10, 10, 1.0),)):
@@ -128,7 +126,7 @@ def test_choose_threshold_stable_and_calibrated():
     ramp_cf[:, 40:] = 153 / 255
     truth = np.zeros((64, 64), bool)
     truth[:, 40:] = True
-    calibrated = calibrate_thresholds([("Edema", ramp_q, ramp_cf, truth)], candidates=(85, 95, 105, 114))
+    calibrated = calibrate_frame_thresholds([("Edema", ramp_q, ramp_cf, truth)], candidates=(85, 95, 105, 114))
     assert calibrated == {"Edema": 114.0}
     assert mask_iou(truth, truth) == 1.0 and mask_iou(truth, ~truth) == 0.0
 

@@ -3,6 +3,8 @@
 Layout::
 
     RUN/
+      .cyclex-run.json       the marker that makes it a cyclex run folder (format, version, run id)
+      .cyclex-run.lock       the run lock: one writer at a time (pid and host of the run writing now)
       run_config.json        settings of the run; resuming with other settings is refused
       results.jsonl          one line per image x removed finding, input order then vocabulary order
       summary.json           Cyclic Rate overall and per finding, counts, seconds
@@ -20,16 +22,22 @@ Resume: an item is finished once its record file exists (written last, atomicall
 finished items and finished images, and rebuilds results.jsonl from the record files, so an
 interrupted-then-resumed run ends with the same results.jsonl as an uninterrupted one (timings
 aside: they measure the run that made each item). Every file is written to a temporary name and
-moved into place with `os.replace`.
+moved into place with `os.replace`; temporary files a killed run left are removed by the next one.
+
+Ownership (`run_ownership`): cyclex writes only into a new or empty folder or a folder with its
+marker (or a run folder of an earlier cyclex, which gets the marker), and `overwrite` deletes only
+the files of a run folder. The run lock is held for the whole `run_explainer` call: a second run
+into the same folder (resume or overwrite) is refused while the first one lives.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import re
-import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from cyclex.atomic_io import (
+    remove_stale_temp_files,
     write_bytes_atomic,
     write_json_atomic,
     write_npy_atomic,
@@ -45,23 +54,29 @@ from cyclex.atomic_io import (
     write_text_atomic,
 )
 from cyclex.cycle.explainer import CycleResult, CyclicExplainer, cyclic_rate
-from cyclex.explain.frames import DEFAULT_BLUR, draw_frame, normalize_map, show_map_on_image
+from cyclex.cycle.run_ownership import (  # noqa: F401  (RunFolderBusy: re-exported with RunFolderError)
+    CONFIG_NAME,
+    RunFolderBusy,
+    RunFolderError,
+    RunFolderState,
+    inspect_run_folder,
+    locked_run_folder,
+    remove_run_files,
+    write_marker,
+)
+from cyclex.explain.frames import DEFAULT_BLUR
+from cyclex.explain.overlays import draw_frame, normalize_map, show_map_on_image
 from cyclex.findings import ABNORMALITIES, canonical_finding, finding_slug
 from cyclex.jsonl import to_json_safe
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "run_config.json"
 RESULTS_NAME = "results.jsonl"
 SUMMARY_NAME = "summary.json"
 # Settings that do not change results: excluded from the resume check.
 _NON_RESULT_SETTINGS = ("batch_size", "images")
 # Settings added after runs were written: a run_config.json without them ran with these values.
 _LATER_SETTING_DEFAULTS = {"difference_reference": "query", "map_blur": 1}
-
-
-class RunFolderError(RuntimeError):
-    """The output folder holds a run made with different settings (or is not a run folder)."""
 
 
 class RunSettingsChanged(RunFolderError):
@@ -117,13 +132,15 @@ def load_image_records(source: str | Path) -> list[dict[str, Any]]:
 
 # -- the run -----------------------------------------------------------------------------------------
 def _check_config(out: Path, config: dict[str, Any], overwrite: bool) -> None:
+    """Make `out` this run's folder (run lock held): start over, resume, or refuse; writes marker and config."""
+    state = inspect_run_folder(out)
+    if overwrite and state.kind != "new":
+        # only the files of a run folder go (results, items, reports, evaluations); anything else stays
+        remove_run_files(out, state)
+        state = RunFolderState("new")
+    remove_stale_temp_files(out)  # what writes killed in an earlier run left behind
     path = out / CONFIG_NAME
-    if overwrite and path.is_file():
-        # a run folder (it has our config): everything in it came from runs, reports and evaluations
-        # (index.html, search logs, metrics), so start from an empty folder
-        shutil.rmtree(out)
-        out.mkdir(parents=True)
-    if path.is_file():
+    if state.kind != "new" and path.is_file():
         previous = {**_LATER_SETTING_DEFAULTS, **json.loads(path.read_text())}
         strip = lambda c: {k: v for k, v in c.items() if k not in _NON_RESULT_SETTINGS}  # noqa: E731
         if strip(previous) != strip(config):
@@ -133,9 +150,24 @@ def _check_config(out: Path, config: dict[str, Any], overwrite: bool) -> None:
                 f"{out} holds a run made with different settings (differs in: {', '.join(changed)}); "
                 "use another --out or pass --overwrite to start over", changed,
             )
-    elif out.exists() and any(out.iterdir()):
-        raise RunFolderError(f"{out} exists, is not empty and has no {CONFIG_NAME}; refusing to write into it")
+    elif state.kind == "marked" and any((out / name).exists() for name in ("records", "items", RESULTS_NAME)):
+        raise RunFolderError(f"{out} holds results but no {CONFIG_NAME}, so their settings are unknown; "
+                             "pass --overwrite to start over or use another --out")
+    if state.kind != "marked":  # a new run (a new run id), or a run folder of an earlier cyclex resumed
+        write_marker(out)
     write_json_atomic(path, config)
+
+
+def _holding_run_lock(run):
+    """Run `run` (whose `out` argument is a run folder) holding that folder's run lock from start to end."""
+    signature = inspect.signature(run)
+
+    @functools.wraps(run)
+    def locked(*args, **kwargs):
+        with locked_run_folder(Path(signature.bind(*args, **kwargs).arguments["out"])):
+            return run(*args, **kwargs)
+
+    return locked
 
 
 def _write_item(out: Path, record: Mapping[str, Any], result: CycleResult, settings: dict[str, Any]) -> dict[str, Any]:
@@ -247,6 +279,7 @@ def _progress(enabled: bool):
                     disable=not enabled, transient=False)
 
 
+@_holding_run_lock
 def run_explainer(
     explainer: CyclicExplainer,
     records: Sequence[Mapping[str, Any]],

@@ -15,7 +15,6 @@ from cyclex.explain.alignment import (
     alignment_summary,
     annotation_target,
     area_under_iou_curve,
-    crop_to_box,
     dilated_boundary,
     hit_rate_curve,
     mask_boundary,
@@ -37,6 +36,7 @@ from cyclex.explain.annotations import (
     read_heatmap,
     read_mask_png,
 )
+from cyclex.explain.chest_box import crop_to_box
 from cyclex.explain.effectiveness import (
     CallableClassifier,
     Classifier,

@@ -5,7 +5,8 @@ maps), masks are (H, W) bool arrays (segmentations, boxes, ellipses rasterised b
 Torch tensors are accepted too. NaN inputs and mismatched shapes raise `ValueError`.
 
 Every metric takes `chest_box=(x0, y0, x1, y1)` (pixel corners, x1 / y1 exclusive) to restrict the
-comparison to the chest, as seed 000 does with REFLACX's chest boxes (both inputs are cropped).
+comparison to the chest, as seed 000 does with REFLACX's chest boxes (both inputs are cropped;
+`chest_box` holds the box helpers).
 
 Edge cases (defined here, tested in tests/test_explain_alignment.py):
 - constant map: carries no ranking. NCC 0.0, no top-k pixels (hit 0.0), pixel AUC 0.5, it selects
@@ -22,13 +23,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cyclex.explain.chest_box import crop_to_box
+from cyclex.image_checks import as_gray_array
+
 __all__ = [
     "DEFAULT_PERCENTILES",
     "DEFAULT_IOU_THRESHOLDS",
-    "as_map",
     "as_mask",
-    "crop_to_box",
-    "box_mask",
     "mask_boundary",
     "dilated_boundary",
     "annotation_target",
@@ -48,20 +49,6 @@ __all__ = [
 DEFAULT_PERCENTILES = (1, 2, 5, 10, 15, 20, 30, 40, 50)
 # Intensity thresholds on the min-max normalised map for the threshold-IoU curve.
 DEFAULT_IOU_THRESHOLDS = tuple(np.round(np.linspace(0.0, 1.0, 21), 4))
-
-
-def as_map(value, name: str = "map") -> np.ndarray:
-    """(H, W) float64 array from a numpy array or tensor; raises on NaN / inf or wrong rank."""
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    array = np.asarray(value, dtype=np.float64)
-    if array.ndim == 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (H, W) array, got shape {array.shape}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return array
 
 
 def as_mask(value, name: str = "mask") -> np.ndarray:
@@ -86,32 +73,6 @@ def as_mask(value, name: str = "mask") -> np.ndarray:
 def _same_shape(a: np.ndarray, b: np.ndarray, names: tuple[str, str]) -> None:
     if a.shape != b.shape:
         raise ValueError(f"{names[0]} and {names[1]} must have the same shape, got {a.shape} and {b.shape}")
-
-
-def _check_box(box, shape: tuple[int, int]) -> tuple[int, int, int, int]:
-    if len(box) != 4:
-        raise ValueError(f"chest_box must be (x0, y0, x1, y1), got {box!r}")
-    x0, y0, x1, y1 = (int(v) for v in box)
-    height, width = shape
-    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-        raise ValueError(f"chest_box {tuple(box)} is not a non-empty box inside an image of (H, W) = {shape}")
-    return x0, y0, x1, y1
-
-
-def crop_to_box(array: np.ndarray, box: Sequence[int] | None) -> np.ndarray:
-    """array[y0:y1, x0:x1]; `box=None` returns the array unchanged."""
-    if box is None:
-        return array
-    x0, y0, x1, y1 = _check_box(box, array.shape[:2])
-    return array[y0:y1, x0:x1]
-
-
-def box_mask(shape: tuple[int, int], box: Sequence[int]) -> np.ndarray:
-    """(H, W) bool mask that is True inside box (x0, y0, x1, y1)."""
-    x0, y0, x1, y1 = _check_box(box, shape)
-    mask = np.zeros(shape, dtype=bool)
-    mask[y0:y1, x0:x1] = True
-    return mask
 
 
 def mask_boundary(mask) -> np.ndarray:
@@ -148,7 +109,7 @@ def annotation_target(mask, kind: str = "full", radius: int = 3) -> np.ndarray:
 
 
 def _prepare(map_, mask, chest_box, names=("map", "mask")) -> tuple[np.ndarray, np.ndarray]:
-    m = as_map(map_, names[0])
+    m = as_gray_array(map_, name=names[0], dtype=np.float64)
     k = as_mask(mask, names[1])
     _same_shape(m, k, names)
     return crop_to_box(m, chest_box), crop_to_box(k, chest_box)
@@ -160,8 +121,8 @@ def ncc(map_a, map_b, chest_box: Sequence[int] | None = None) -> float:
     NCC = mean((a - mean a)(b - mean b)) / (std a * std b). Masks are accepted as 0/1 maps.
     Defined as 0.0 when either map is constant (no variation to correlate).
     """
-    a = as_map(map_a, "map_a")
-    b = as_map(map_b, "map_b")
+    a = as_gray_array(map_a, name="map_a", dtype=np.float64)
+    b = as_gray_array(map_b, name="map_b", dtype=np.float64)
     _same_shape(a, b, ("map_a", "map_b"))
     a, b = crop_to_box(a, chest_box).ravel(), crop_to_box(b, chest_box).ravel()
     a, b = a - a.mean(), b - b.mean()
@@ -173,7 +134,7 @@ def ncc(map_a, map_b, chest_box: Sequence[int] | None = None) -> float:
 
 def top_k_pixels(map_, k_percent: float) -> np.ndarray:
     """(H, W) bool: pixels at or above the map's (100 - k)-th percentile; none for a constant map."""
-    m = as_map(map_)
+    m = as_gray_array(map_, name="map", dtype=np.float64)
     if not 0 < k_percent <= 100:
         raise ValueError(f"k_percent must be in (0, 100], got {k_percent}")
     if m.max() == m.min():
@@ -309,7 +270,7 @@ def alignment_summary(map_, mask, chest_box: Sequence[int] | None = None,
     """Every per-sample alignment number of one map against one mask, for the full mask, its one-pixel
     boundary and its dilated boundary: keys like `full/ncc`, `full/auc`, `full/auc_iou`,
     `boundary/hit@5` (NaN where undefined)."""
-    m = as_map(map_)
+    m = as_gray_array(map_, name="map", dtype=np.float64)
     out: dict[str, float] = {}
     for kind in ("full", "boundary", "dilated_boundary"):
         target = annotation_target(mask, kind, boundary_radius)

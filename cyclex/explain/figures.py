@@ -9,11 +9,12 @@ atomically and returns it.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from cyclex.atomic_io import atomic_write
 
 __all__ = ["plot_cpg_distribution", "plot_hit_rate_curves", "plot_roc_curves", "plot_threshold_iou_curves"]
 
@@ -29,20 +30,11 @@ def _figure(ncols: int = 1):
 
 
 def _save(plt, fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    handle, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
+        return atomic_write(path, lambda handle: fig.savefig(handle, dpi=120, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def plot_cpg_distribution(cpg_values: Sequence[float], path: str | os.PathLike, threshold: float = 0.1,

@@ -1,8 +1,8 @@
 """Feature identification frames and difference maps (SPEC section 1, seed 003; seed 000).
 
-Compute and render stay apart: `difference_maps`, `feature_frame`, `choose_threshold`,
-`calibrate_thresholds` and `estimate_chest_box` return arrays / dataclasses; `show_map_on_image`
-and `draw_frame` render them as uint8 RGB images (like pytorch-grad-cam's `show_cam_on_image`).
+Pure computation: `difference_maps`, `feature_frame`, `choose_threshold`,
+`calibrate_frame_thresholds` and `estimate_chest_box` return arrays / dataclasses. Drawing them
+(colour overlays, contours) is `cyclex.explain.overlays` (STYLE.md point 14).
 
 Images here are single X-rays as float arrays (H, W) in [0, 1]; tensors (1, H, W) / (1, 1, H, W)
 are accepted and squeezed.
@@ -14,8 +14,8 @@ criteria (choice):
 - "stable" (default, needs no labels): among the candidates, the L whose frame changes least when L
   moves to its neighbours (highest mean IoU with the neighbouring candidates' frames), ties broken
   towards the centre value 95;
-- calibration: `calibrate_thresholds` picks, per finding, the L with the highest mean IoU against
-  ground-truth masks on a calibration set (phantoms carry such masks); pass the resulting dict.
+- calibration: `calibrate_frame_thresholds` picks, per finding, the L with the highest mean IoU
+  against ground-truth masks on a calibration set (phantoms carry such masks); pass the resulting dict.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from cyclex.explain.chest_box import ChestBox, box_mask
+from cyclex.image_checks import as_gray_array
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 95  # L on the 0-255 scale (seed 003)
@@ -34,47 +37,12 @@ DEFAULT_THRESHOLD_CANDIDATES = (85, 90, 95, 100, 105)  # 95 +- 10
 DEFAULT_K = 5
 DEFAULT_BLUR = 5
 
-ChestBox = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 / y1 exclusive
-
-
-def as_image_array(image, *, name: str = "image") -> np.ndarray:
-    """(H, W) float32 from an array / tensor of shape (H, W), (1, H, W) or (1, 1, H, W)."""
-    if hasattr(image, "detach"):
-        image = image.detach().cpu().numpy()
-    array = np.asarray(image, dtype=np.float32)
-    while array.ndim > 2 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be a single gray image (H, W), got shape {np.shape(image)}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return array
-
-
 def _check_pair(query, counterfactual) -> tuple[np.ndarray, np.ndarray]:
-    q = as_image_array(query, name="query")
-    c = as_image_array(counterfactual, name="counterfactual")
+    q = as_gray_array(query, name="query")
+    c = as_gray_array(counterfactual, name="counterfactual")
     if q.shape != c.shape:
         raise ValueError(f"query {q.shape} and counterfactual {c.shape} must have the same shape")
     return q, c
-
-
-def check_chest_box(chest_box: Sequence[int], shape: tuple[int, int]) -> ChestBox:
-    """Validate (x0, y0, x1, y1) inside an (H, W) image; returns ints."""
-    if chest_box is None or len(chest_box) != 4:
-        raise ValueError(f"chest_box must be (x0, y0, x1, y1), got {chest_box!r}")
-    x0, y0, x1, y1 = (int(v) for v in chest_box)
-    h, w = shape
-    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-        raise ValueError(f"chest_box {chest_box!r} is not a non-empty box inside an image of (H, W) = {shape}")
-    return x0, y0, x1, y1
-
-
-def box_mask(chest_box: Sequence[int], shape: tuple[int, int]) -> np.ndarray:
-    x0, y0, x1, y1 = check_chest_box(chest_box, shape)
-    mask = np.zeros(shape, dtype=bool)
-    mask[y0:y1, x0:x1] = True
-    return mask
 
 
 def check_kernel(name: str, size: int) -> int:
@@ -97,7 +65,7 @@ def difference_maps(query, counterfactual, chest_box: Sequence[int] | None = Non
     check_kernel("positive_blur", positive_blur)
     q, c = _check_pair(query, counterfactual)
     signed = q - c
-    inside = box_mask(chest_box, signed.shape) if chest_box is not None else None
+    inside = box_mask(signed.shape, chest_box) if chest_box is not None else None
     if inside is not None:
         signed = np.where(inside, signed, 0.0).astype(np.float32)
     positive = np.maximum(signed, 0.0)
@@ -214,7 +182,7 @@ def choose_threshold(
     return levels[best]
 
 
-def calibrate_thresholds(
+def calibrate_frame_thresholds(
     items: Iterable[tuple[str, object, object, np.ndarray]],
     candidates: Iterable[float] = DEFAULT_THRESHOLD_CANDIDATES, k: int = DEFAULT_K, blur: int = DEFAULT_BLUR,
     centre: float = DEFAULT_THRESHOLD, normalize: bool = False,
@@ -266,7 +234,7 @@ def estimate_chest_box(image, margin: int = 0) -> ChestBox:
     from skimage.filters import threshold_otsu
     from skimage.measure import label, regionprops
 
-    array = as_image_array(image)
+    array = as_gray_array(image)
     h, w = array.shape
     if float(array.max() - array.min()) < 1e-6:
         return 0, 0, w, h
@@ -278,70 +246,3 @@ def estimate_chest_box(image, margin: int = 0) -> ChestBox:
     largest = max(regions, key=lambda r: r.area)
     y0, x0, y1, x1 = largest.bbox
     return max(0, x0 - margin), max(0, y0 - margin), min(w, x1 + margin), min(h, y1 + margin)
-
-
-# -- rendering ---------------------------------------------------------------------------------
-def _rgb_float(image) -> np.ndarray:
-    if hasattr(image, "detach"):
-        image = image.detach().cpu().numpy()
-    array = np.asarray(image, dtype=np.float32)
-    if array.ndim == 3 and array.shape[-1] == 3:
-        rgb = array
-    else:
-        rgb = np.repeat(as_image_array(array)[..., None], 3, axis=-1)
-    if rgb.max() > 1.0 + 1e-6 or rgb.min() < -1e-6:
-        raise ValueError(
-            f"the input image should be float in [0, 1], got values in [{rgb.min():.3f}, {rgb.max():.3f}]"
-        )
-    return rgb
-
-
-def normalize_map(values, *, positive_only: bool = True) -> np.ndarray:
-    """Scale a map to [0, 1] by its maximum (absolute maximum for signed maps mapped around 0.5)."""
-    array = as_image_array(values, name="map")
-    if positive_only:
-        array = np.maximum(array, 0.0)
-        top = float(array.max())
-        return array / top if top > 0 else array
-    top = float(np.abs(array).max())
-    return 0.5 + 0.5 * array / top if top > 0 else np.full_like(array, 0.5)
-
-
-def show_map_on_image(
-    image, heat_map, use_rgb: bool = True, colormap: int = cv2.COLORMAP_JET, image_weight: float = 0.5
-) -> np.ndarray:
-    """Overlay a [0, 1] map on an image, as pytorch-grad-cam's `show_cam_on_image` does.
-
-    image: (H, W) gray or (H, W, 3) RGB float in [0, 1] (float images above 1 are refused).
-    heat_map: (H, W) in [0, 1]. Returns uint8 (H, W, 3), RGB when use_rgb.
-    """
-    rgb = _rgb_float(image)
-    values = as_image_array(heat_map, name="heat_map")
-    if values.shape != rgb.shape[:2]:
-        raise ValueError(f"heat_map {values.shape} and image {rgb.shape[:2]} must have the same (H, W)")
-    if values.min() < -1e-6 or values.max() > 1 + 1e-6:
-        raise ValueError("heat_map must be in [0, 1]; scale it with normalize_map first")
-    if not 0 <= image_weight <= 1:
-        raise ValueError(f"image_weight should be in [0, 1], got {image_weight}")
-    heat = cv2.applyColorMap(np.uint8(255 * np.clip(values, 0, 1)), colormap)
-    if use_rgb:
-        heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
-    blended = (1 - image_weight) * (np.float32(heat) / 255) + image_weight * rgb
-    blended = blended / max(float(blended.max()), 1e-8)
-    return np.uint8(255 * blended)
-
-
-def draw_frame(image, frame: FeatureFrame, color: tuple[int, int, int] = (255, 0, 0), thickness: int = 1,
-               fill_alpha: float = 0.25) -> np.ndarray:
-    """The query with the frame's mask tinted and its contours drawn: uint8 (H, W, 3) RGB."""
-    rgb = np.uint8(255 * _rgb_float(image))
-    if frame.mask.shape != rgb.shape[:2]:
-        raise ValueError(f"frame mask {frame.mask.shape} and image {rgb.shape[:2]} must have the same (H, W)")
-    out = rgb.copy()
-    if fill_alpha > 0 and frame.mask.any():
-        tint = np.array(color, dtype=np.float32)
-        out[frame.mask] = np.uint8((1 - fill_alpha) * out[frame.mask] + fill_alpha * tint)
-    contours = [c.reshape(-1, 1, 2).astype(np.int32) for c in frame.contours]
-    if contours:
-        cv2.drawContours(out, contours, -1, color, thickness)
-    return out
