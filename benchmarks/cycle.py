@@ -168,7 +168,7 @@ def held_out_queries(n: int, seed: int, folder: Path) -> tuple[list, dict, tuple
     the chest), and the pixel AUC is restricted to the box afterwards.
     """
     from cyclex.datasets.phantom import read_phantom_folder, write_phantom_folder
-    from cyclex.demo.run_demo import demo_query_config, demo_query_phantoms
+    from cyclex.demo.queries import demo_query_config, demo_query_phantoms
 
     phantoms = demo_query_phantoms(n, seed=seed)
     records = read_phantom_folder(write_phantom_folder(phantoms, folder))

@@ -69,7 +69,7 @@ def test_ceiling_is_the_exact_counterfactual_and_noise_caps_the_unsmoothed_map(t
 
 def test_held_out_queries_keep_chest_boxes_apart_and_the_truth(tmp_path):
     from benchmarks.cycle import held_out_queries
-    from cyclex.demo.run_demo import demo_query_phantoms
+    from cyclex.demo.queries import demo_query_phantoms
 
     records, chest_boxes, (phantoms, config) = held_out_queries(3, 11, tmp_path / "phantoms")
     expected = demo_query_phantoms(3, seed=11)

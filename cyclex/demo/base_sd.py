@@ -222,7 +222,7 @@ def demo_world_phantoms(name: str, world: str, n: int, seed: int) -> list:
     from cyclex.demo.generators import DemoGeneratorConfig, make_training_phantoms
 
     if world == "audit":
-        from cyclex.demo.run_demo import demo_query_phantoms
+        from cyclex.demo.queries import demo_query_phantoms
 
         return demo_query_phantoms(n, seed=seed)
     if world == "generator":

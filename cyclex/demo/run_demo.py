@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from cyclex.demo.queries import demo_query_phantoms
+
 logger = logging.getLogger(__name__)
 
-DEMO_QUERY_SEED = 9_001  # held out: the demo generators and tailored SDs never train on this set
-DEMO_MARKER_RATE = 0.5
 # Counterfactual and frame settings of the demo. omega = 1 (no classifier-free guidance: inversion and
 # sampling follow the same conditioning, only the prompt changes), chosen by benchmarks/demo_guidance.py
 # on 100 validation phantoms (not the benchmark's): the highest clean pixel AUC among the omegas meeting
@@ -44,28 +44,6 @@ DEMO_CHECKPOINT = "final"
 # the marker and none of the clean one's; the redraw of the query ("reconstruction", R - CF) does
 # about as well (94 % / 0 %, smoothed pixel AUC 0.92 against 0.905) but costs a second sampling pass.
 DEMO_DIFFERENCE_REFERENCE = "query"
-
-
-def demo_query_config(marker_rate: float = DEMO_MARKER_RATE):
-    """The phantom config of the demo's queries: the generators' world (canonical reports) with the
-    shortcut world's marker on about `marker_rate` of them, independent of the findings."""
-    from dataclasses import replace
-
-    from cyclex.datasets.phantom import ShortcutConfig
-    from cyclex.demo.generators import DemoGeneratorConfig, phantom_config_for
-
-    world = phantom_config_for(DemoGeneratorConfig(name="shortcut"))
-    marker = ShortcutConfig(finding=world.shortcut.finding, rate_with_finding=marker_rate,
-                            rate_without_finding=marker_rate, box=world.shortcut.box,
-                            intensity=world.shortcut.intensity)
-    return replace(world, shortcut=marker)
-
-
-def demo_query_phantoms(n: int, seed: int = DEMO_QUERY_SEED, marker_rate: float = DEMO_MARKER_RATE) -> list:
-    """n held-out phantoms drawn with `demo_query_config(marker_rate)`."""
-    from cyclex.datasets.phantom import make_phantoms
-
-    return make_phantoms(n, seed, demo_query_config(marker_rate))
 
 
 def demo_assets(names: Sequence[str] = ("clean", "shortcut")) -> dict[str, dict[str, Path]]:

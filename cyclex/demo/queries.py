@@ -1,0 +1,32 @@
+"""The demo's query phantoms: the distribution `cyclex demo` and the benchmarks explain.
+
+Apart from `run_demo.py` so that the demo's tailored-SD builder (`base_sd.py`, which trains on this
+distribution) and the demo runner import it without importing each other.
+"""
+
+from __future__ import annotations
+
+DEMO_QUERY_SEED = 9_001  # held out: the demo generators and tailored SDs never train on this set
+DEMO_MARKER_RATE = 0.5
+
+
+def demo_query_config(marker_rate: float = DEMO_MARKER_RATE):
+    """The phantom config of the demo's queries: the generators' world (canonical reports) with the
+    shortcut world's marker on about `marker_rate` of them, independent of the findings."""
+    from dataclasses import replace
+
+    from cyclex.datasets.phantom import ShortcutConfig
+    from cyclex.demo.generators import DemoGeneratorConfig, phantom_config_for
+
+    world = phantom_config_for(DemoGeneratorConfig(name="shortcut"))
+    marker = ShortcutConfig(finding=world.shortcut.finding, rate_with_finding=marker_rate,
+                            rate_without_finding=marker_rate, box=world.shortcut.box,
+                            intensity=world.shortcut.intensity)
+    return replace(world, shortcut=marker)
+
+
+def demo_query_phantoms(n: int, seed: int = DEMO_QUERY_SEED, marker_rate: float = DEMO_MARKER_RATE) -> list:
+    """n held-out phantoms drawn with `demo_query_config(marker_rate)`."""
+    from cyclex.datasets.phantom import make_phantoms
+
+    return make_phantoms(n, seed, demo_query_config(marker_rate))
