@@ -108,9 +108,9 @@ def measure(variant: str, difference_reference: str, records: list, chest_boxes:
 
     truth: (phantoms by id, their PhantomConfig) for the exact counterfactuals of `ceiling_aucs`.
     """
-    from cyclex.adapters import load_generator
     from cyclex.cycle.run_folder import read_results, run_explain
     from cyclex.demo.run_demo import shortcut_marker_overlap
+    from cyclex.specs.generators import load_generator
 
     frame_threshold = args.frame_threshold if args.frame_threshold == "stable" else float(args.frame_threshold)
     generators = {}

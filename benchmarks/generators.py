@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from cyclex.adapters import load_generator
 from cyclex.atomic_io import write_json_atomic
 from cyclex.datasets.phantom import PhantomConfig, ShortcutConfig, make_phantom, make_phantoms, phantom_seed
 from cyclex.demo.generators import METADATA_FILE, demo_generator_path
 from cyclex.findings import ABNORMALITIES
 from cyclex.labelers import RuleLabeler
+from cyclex.specs.generators import load_generator
 
 logger = logging.getLogger("benchmarks.generators")
 RESULTS = Path(__file__).parent / "results" / "generators.json"

@@ -115,9 +115,9 @@ def cyclex_loop(manifest: Path, base: Path, out: Path, steps: int, batch_size: i
 
 
 def reconstruction_psnr(n_heldout: int) -> dict[str, float]:
-    from cyclex.adapters import load_generator
     from cyclex.demo.base_sd import build_demo_tailored, heldout_reconstruction_psnr
     from cyclex.demo.generators import DemoGeneratorConfig, make_training_phantoms
+    from cyclex.specs.generators import load_generator
 
     values = {}
     for name in ("clean", "shortcut"):

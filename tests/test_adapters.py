@@ -11,18 +11,16 @@ from cyclex.adapters import (
     CallableGenerator,
     GeneratorError,
     GeneratorInfo,
-    GeneratorSpecError,
     HFImageToTextGenerator,
     ReportGenerator,
-    load_generator,
 )
-from cyclex.adapters.registry import parse_options
 from cyclex.demo.generators import (
     DemoGeneratorConfig,
     build_demo_model,
     demo_image_processor,
     train_report_tokenizer,
 )
+from cyclex.specs.generators import GeneratorSpecError, load_generator, parse_options
 
 REPORTS = ["Heart size is normal. No pleural effusion.", "Cardiomegaly. Small left pleural effusion.",
            "Describe the findings. Possible pneumothorax."] * 4

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cyclex.adapters import HFImageToTextGenerator, load_generator
+from cyclex.adapters import HFImageToTextGenerator
 from cyclex.demo import generators as demo
 from cyclex.demo.generators import (
     METADATA_FILE,
@@ -19,6 +19,7 @@ from cyclex.demo.generators import (
     phantom_pixels,
     train_demo_generator,
 )
+from cyclex.specs.generators import load_generator
 
 TINY = DemoGeneratorConfig(image_size=32, patch_size=8, encoder_hidden=32, encoder_layers=1, decoder_hidden=32,
                            decoder_layers=1, heads=2, vocab_size=320, batch_size=8, learning_rate=1e-2, threads=1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cyclex.adapters import GeneratorError, R2GenCMNGenerator, R2GenGenerator, load_generator
+from cyclex.adapters import GeneratorError, R2GenCMNGenerator, R2GenGenerator
 from cyclex.adapters.r2gen import (
     R2GEN,
     R2GENCMN,
@@ -19,6 +19,7 @@ from cyclex.adapters.r2gen import (
     isolated_repo_import,
     read_argparse_defaults,
 )
+from cyclex.specs.generators import load_generator
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAKE_R2GEN = FIXTURES / "fake_r2gen"

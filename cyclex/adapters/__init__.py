@@ -1,4 +1,9 @@
-"""Report-generator adapters: everything cyclex explains is a `ReportGenerator`."""
+"""Report-generator adapters: everything cyclex explains is a `ReportGenerator`.
+
+The models-and-data layer: wrappers of Hugging Face, R2Gen / R2GenCMN and plain callables. Building
+one from a one-string spec ("hf:DIR", "r2gen:...", "demo:clean") is the application layer's job:
+`cyclex.specs.generators.load_generator`.
+"""
 
 from cyclex.adapters.base import (
     GeneratorError,
@@ -9,14 +14,12 @@ from cyclex.adapters.base import (
 from cyclex.adapters.callable import CallableGenerator, generate_in_batches
 from cyclex.adapters.hf import HFImageToTextGenerator
 from cyclex.adapters.r2gen import R2GenCMNGenerator, R2GenGenerator
-from cyclex.adapters.registry import GeneratorSpecError, load_generator
 from cyclex.image_checks import check_image_batch
 
 __all__ = [
     "CallableGenerator",
     "GeneratorError",
     "GeneratorInfo",
-    "GeneratorSpecError",
     "HFImageToTextGenerator",
     "R2GenCMNGenerator",
     "R2GenGenerator",
@@ -24,5 +27,4 @@ __all__ = [
     "check_image_batch",
     "check_reports",
     "generate_in_batches",
-    "load_generator",
 ]

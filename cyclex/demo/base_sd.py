@@ -233,7 +233,7 @@ def demo_world_phantoms(name: str, world: str, n: int, seed: int) -> list:
 def build_demo_tailored(name: str, out: str | Path | None = None, config: DemoTailoredConfig | None = None, *,
                         force: bool = False) -> Path:
     """Build (or return the cached) tailored SD of demo generator `name` ("clean" | "shortcut")."""
-    from cyclex.adapters import load_generator
+    from cyclex.specs.generators import load_generator
     from cyclex.datasets.phantom import write_phantom_folder
     from cyclex.demo.generators import DEMO_GENERATOR_NAMES
     from cyclex.labelers import RuleLabeler
