@@ -218,7 +218,7 @@ def test_cli_lists_and_passes_the_option(tmp_path, monkeypatch):
     assert help_text.exit_code == 0 and "--difference-reference" in help_text.output
     assert "query|reconstruction" in help_text.output
 
-    import cyclex.adapters
+    import cyclex.specs.generators
     import cyclex.cycle.report_html
 
     captured = {}
@@ -228,7 +228,7 @@ def test_cli_lists_and_passes_the_option(tmp_path, monkeypatch):
         return {"cyclic_rate": None, "n_verified": 0, "n": 0, "n_images": 0, "per_finding": {}}
 
     monkeypatch.setattr(rf, "run_explain", fake_run_explain)
-    monkeypatch.setattr(cyclex.adapters, "load_generator", lambda spec: brightness_generator())
+    monkeypatch.setattr(cyclex.specs.generators, "load_generator", lambda spec: brightness_generator())
     monkeypatch.setattr(cyclex.cycle.report_html, "write_run_report", lambda out: f"{out}/index.html")
     base = ["explain", "--generator", "fake", "--tailored", str(tmp_path), "--images", str(tmp_path),
             "--out", str(tmp_path / "run")]
@@ -243,7 +243,7 @@ def test_cli_lists_and_passes_the_option(tmp_path, monkeypatch):
 
 def _fake_demo_models(monkeypatch, tmp_path, run_explain):
     """run_demo without models: fake assets, generator and reports; `run_explain` stands in for the run."""
-    import cyclex.adapters
+    import cyclex.specs.generators
     import cyclex.cycle.report_html
     from cyclex.demo import run_demo as demo
 
@@ -251,7 +251,7 @@ def _fake_demo_models(monkeypatch, tmp_path, run_explain):
                                                             for n in names})
     monkeypatch.setattr(demo, "shortcut_marker_overlap", lambda run: {})
     monkeypatch.setattr(rf, "run_explain", run_explain)
-    monkeypatch.setattr(cyclex.adapters, "load_generator", lambda spec: brightness_generator())
+    monkeypatch.setattr(cyclex.specs.generators, "load_generator", lambda spec: brightness_generator())
     monkeypatch.setattr(cyclex.cycle.report_html, "write_run_report", lambda out: None)
     monkeypatch.setattr(cyclex.cycle.report_html, "write_comparison_report", lambda runs, out: out)
 
