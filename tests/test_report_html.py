@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from cyclex.adapters import CallableGenerator, GeneratorInfo
 from cyclex.cli import app
 from cyclex.cycle import CyclicExplainer
+from cyclex.cycle import report_data as rd
 from cyclex.cycle import report_html as rh
 from cyclex.cycle.run_folder import run_explainer
 from cyclex.explain.evaluate_run import evaluate_run
@@ -141,7 +142,7 @@ def test_run_report_escapes_and_links(runs):
     lines = _lines(run)
     assert [(c["data-finding"], c["data-verified"]) for c in parser.filterable] == [
         (line["finding"], "yes" if line["verified"] else "no") for line in lines]
-    image_keys = [k for k, _ in rh.ITEM_IMAGES]
+    image_keys = [k for k, _ in rd.ITEM_IMAGES]
     expected_sources = [line[k] for line in lines for k in image_keys if line.get(k)]
     assert [unquote(s) for s in parser.sources if "figures/" not in s] == expected_sources
     assert lines[0]["mask_png"] and lines[0]["mask_png"] in expected_sources
@@ -187,7 +188,7 @@ def test_highlighting_marks_mentions(runs):
                 found.append(Mention(finding, start, start + len(word)))
         return found
 
-    segments = rh.highlight_report("cardiomegaly,   effusion <b>", {"Pleural Effusion": "removed", "Edema": "added"},
+    segments = rd.highlight_report("cardiomegaly,   effusion <b>", {"Pleural Effusion": "removed", "Edema": "added"},
                                    finder)
     assert segments == [{"text": "cardiomegaly, ", "css": None, "title": None},
                         {"text": "effusion", "css": "removed", "title": "Pleural Effusion"},
