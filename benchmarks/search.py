@@ -41,18 +41,14 @@ from typing import Any
 
 import torch
 
+from cyclex.atomic_io import write_text_atomic
+from cyclex.counterfactuals.algorithm1 import algorithm1_search
 from cyclex.counterfactuals.attention_control import AttentionControlConfig
 from cyclex.counterfactuals.inversion_cache import InversionCache
 from cyclex.counterfactuals.nti import NullTextInversionMaker
-from cyclex.counterfactuals.search import (
-    DEFAULT_NULL_SETTINGS,
-    MetricGuidedSearch,
-    SearchSummary,
-    ablation_tables,
-    algorithm1_search,
-    write_text_atomic,
-)
+from cyclex.counterfactuals.search import DEFAULT_NULL_SETTINGS, MetricGuidedSearch
 from cyclex.counterfactuals.search_maker import generator_cycle_check
+from cyclex.counterfactuals.search_statistics import SearchSummary, ablation_tables
 from cyclex.demo.cf_thresholds import thresholds_for
 from cyclex.explain.scores import CFThresholds, CounterfactualScorer
 from cyclex.explain.stand_in_lpips import StandInLPIPS
@@ -108,11 +104,11 @@ def phantom_requests(n_findings: int, findings_of, seed: int = 0, template: str 
 
 
 def demo_world(n_findings: int, tailored: Path | None) -> World:
-    from cyclex.adapters import load_generator
     from cyclex.demo.cache import demo_cache_dir
     from cyclex.demo.generators import demo_generator_path
     from cyclex.demo.phantom_classifier import load_phantom_classifier
     from cyclex.labelers import RuleLabeler
+    from cyclex.specs.generators import load_generator
     from cyclex.tailored_training import load_tailored_pipeline, read_tailored_metadata
 
     demo = demo_cache_dir()

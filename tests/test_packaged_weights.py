@@ -103,8 +103,8 @@ def test_upgraded_shipped_weights_replace_installed_copies_but_not_local_builds(
 
 def test_fresh_machine_scores_with_the_shipped_thresholds(tmp_path, monkeypatch):
     """No recalibration on a fresh machine: the demo path gets the shipped file, value for value."""
-    from cyclex.counterfactuals.search import load_thresholds
     from cyclex.demo import cf_thresholds
+    from cyclex.explain.cf_threshold_calibration import load_cf_thresholds
 
     monkeypatch.setenv("CYCLEX_HOME", str(tmp_path))
     monkeypatch.setattr(packaged, "ASSETS", {})  # only the single files: no model copying in this test
@@ -113,7 +113,7 @@ def test_fresh_machine_scores_with_the_shipped_thresholds(tmp_path, monkeypatch)
     # scorer None: a recalibration would fail, so passing proves the shipped file was read
     thresholds = cf_thresholds.thresholds_for(None, cf_thresholds.demo_thresholds_path())
     assert vars(thresholds) == expected
-    assert load_thresholds(tmp_path / "demo" / "cf_thresholds.json") == thresholds
+    assert load_cf_thresholds(tmp_path / "demo" / "cf_thresholds.json") == thresholds
     assert json.loads(shipped.read_text())["provenance"]["version"] == cf_thresholds.CALIBRATION_VERSION
 
 

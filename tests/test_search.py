@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from cyclex.counterfactuals.search import (
-    MetricGuidedSearch,
-    SearchSummary,
-    ablation_tables,
-    algorithm1_search,
-    calibrate_thresholds,
-    load_thresholds,
-    order_by_success_share,
-    save_thresholds,
+from cyclex.counterfactuals.algorithm1 import algorithm1_search
+from cyclex.counterfactuals.search import MetricGuidedSearch, order_by_success_share
+from cyclex.counterfactuals.search_statistics import SearchSummary, ablation_tables
+from cyclex.explain.cf_threshold_calibration import (
+    calibrate_cf_thresholds,
+    load_cf_thresholds,
+    save_cf_thresholds,
 )
 from cyclex.explain.scores import CFThresholds, CounterfactualScore, cf_score
 
@@ -222,20 +220,20 @@ def test_summary_and_order_helpers():
 def test_calibrated_thresholds_match_numpy_quantiles(tmp_path):
     rng = np.random.default_rng(0)
     values = {k: rng.uniform(0.0, 1.0, 50) for k in ("lpips", "clip_cosine", "l2", "cpg", "fet")}
-    t = calibrate_thresholds(values, coverage=0.9)
+    t = calibrate_cf_thresholds(values, coverage=0.9)
     assert t.lpips == pytest.approx(np.quantile(values["lpips"], 0.9))
     assert t.clip == pytest.approx(np.quantile(values["clip_cosine"], 0.1))
     assert t.cpg == pytest.approx(max(0.1, np.quantile(values["cpg"], 0.1)))
     admitted = [cf_score(*(values[k][i] for k in ("lpips", "clip_cosine", "l2", "cpg", "fet")), thresholds=t).passed["lpips"]
                 for i in range(50)]
     assert 0.85 <= np.mean(admitted) <= 0.95
-    path = save_thresholds(tmp_path / "cf_thresholds.json", t, {"n": 50, "coverage": 0.9})
-    assert load_thresholds(path) == t
+    path = save_cf_thresholds(tmp_path / "cf_thresholds.json", t, {"n": 50, "coverage": 0.9})
+    assert load_cf_thresholds(path) == t
     (tmp_path / "bad.json").write_text(json.dumps({"thresholds": {"lpipz": 0.1}}))
     with pytest.raises(ValueError, match="lpipz"):
-        load_thresholds(tmp_path / "bad.json")
+        load_cf_thresholds(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="needs values"):
-        calibrate_thresholds({"lpips": [0.1]})
+        calibrate_cf_thresholds({"lpips": [0.1]})
     assert CFThresholds().lpips == 0.2  # real weights keep Table 2
 
 

@@ -186,14 +186,21 @@ def test_from_pretrained_shares_one_pipeline_when_checkpoints_select_the_same_un
         CyclicExplainer.from_pretrained(tailored, generator=brightness_generator(), scorer=ScriptedScorer())
 
 
+def test_from_pretrained_search_needs_a_scorer(tmp_path):
+    """The engine never picks a scorer itself: the caller (CLI, demo, user) hands one in."""
+    tailored = tiny_tailored(tmp_path / "sd", best_l1="checkpoint-000002")
+    with pytest.raises(ValueError, match=r"scorer=.*cyclex\.specs\.scorers\.search_scorer_from_specs"):
+        CyclicExplainer.from_pretrained(tailored, generator=brightness_generator(), variant="nti", search=True)
+
+
 def test_cli_explain_variant_nti_search(tmp_path):
     from cyclex.cli import app
-    from cyclex.counterfactuals.search import save_thresholds
     from cyclex.demo.phantom_classifier import (
         PhantomClassifier,
         PhantomClassifierConfig,
         PhantomClassifierNet,
     )
+    from cyclex.explain.cf_threshold_calibration import save_cf_thresholds
     from cyclex.explain.scores import CFThresholds
 
     torch.manual_seed(0)
@@ -205,8 +212,8 @@ def test_cli_explain_variant_nti_search(tmp_path):
     config = PhantomClassifierConfig(channels=(8, 16))
     PhantomClassifier(PhantomClassifierNet(config), config).save_pretrained(tmp_path / "clf")
     # thresholds every counterfactual passes: the cycle alone decides acceptance
-    thresholds = save_thresholds(tmp_path / "t.json", CFThresholds(lpips=1e9, clip=-2, l2=1e9, cpg=-1e9, fet=-1e9),
-                                 {"procedure": "test"})
+    thresholds = save_cf_thresholds(tmp_path / "t.json", CFThresholds(lpips=1e9, clip=-2, l2=1e9, cpg=-1e9, fet=-1e9),
+                                    {"procedure": "test"})
     out = tmp_path / "run"
     args = ["explain", "--generator", "python:cycle_fakes:brightness_reports", "--tailored", str(tailored),
             "--images", str(images), "--out", str(out), "--steps", str(STEPS),

@@ -20,26 +20,10 @@ cycle verified) for a fraction of the work:
   report generator (the cycle check) only sees candidates that pass CF_Score.
 
 Every attempt is logged (settings, score, failed criteria, raw values, verified, UNet calls,
-seconds); `ablation_tables` aggregates the logs into the paper's tables (success by delta x omega,
-by checkpoint, by null setting). `algorithm1_search` is Algorithm 1 as written (re-inverting at
-every setting, the inversion fitted at the sampling omega), the baseline of `benchmarks/search.py`.
-
-Thresholds (CF_Score) are per study, as the paper says. With real weights (CLIP, LPIPS, a strong
-classifier) use seed 000's Table 2 values (`CFThresholds()` defaults). The phantom world has no
-CLIP or LPIPS weights, so the demo scores with stand-ins and calibrates their thresholds once:
-1. stand-in encoder: the penultimate features of the phantom classifier (trained on phantoms),
-   used for both the "CLIP" cosine / L1 / L2 and the FET; LPIPS: the `lpips` package's architecture
-   on the same stand-in features when no backbone weights exist;
-2. calibration pairs: phantoms and their ground-truth counterfactuals, which the phantom generator
-   renders exactly (same seed, the finding removed) - something real data never offers; the
-   counterfactual side passes through the demo SDs' VAE first (calibration version 2, see
-   `cyclex.demo.cf_thresholds`), since no counterfactual a tailored SD makes is sharper than that;
-3. `calibrate_thresholds(values)`: each faithfulness threshold is the quantile of the true pairs'
-   values that admits `coverage` (default 90 %) of them (upper quantile for LPIPS and L2, lower for
-   the cosine), the effectiveness thresholds (CPG, FET) the lower (1 - coverage) quantile, and CPG
-   never below Table 2's 0.1 (an edit must move the classifier);
-4. the thresholds are written once as `cf_thresholds.json` beside the demo models, with the
-   calibration seeds, n and coverage, and read back by every later run (`load_thresholds`).
+seconds). Beside this module: `cyclex.counterfactuals.algorithm1` (Algorithm 1 as written, the
+benchmark's baseline), `cyclex.counterfactuals.search_statistics` (the paper's ablation tables and
+the per-arm summary over many searches), `cyclex.explain.cf_threshold_calibration` (CF_Score
+thresholds for stand-in scorers) and `cyclex.counterfactuals.search_maker` (the search as a maker).
 """
 
 from __future__ import annotations
@@ -48,18 +32,14 @@ import json
 import logging
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cyclex.atomic_io import write_text_atomic
-from cyclex.counterfactuals.inversion_cache import InversionCache
-from cyclex.explain.scores import CFThresholds
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +107,7 @@ class SearchResult:
             "finding": self.finding,
             "accepted": self.accepted,
             "verified": self.verified,
-            "score": _score_int(self.score),
+            "score": cf_score_of(self.score),
             "setting": self.setting,
             "unet_calls": self.unet_calls,
             "unet_passes": self.unet_passes,
@@ -136,19 +116,22 @@ class SearchResult:
         }
 
 
-def _score_int(result: Any) -> int:
+# -- how an attempt is scored and counted (shared with `algorithm1` and `search_statistics`) ------
+def cf_score_of(result: Any) -> int:
+    """CF_Score (0..5) of a scorer result (`.score`) or of a bare number."""
     value = getattr(result, "score", result)
     return int(value)
 
 
-def _score_values(result: Any) -> dict[str, float]:
+def raw_values_of(result: Any) -> dict[str, float]:
+    """The raw metric values of a scorer result (`.values`), {} when it has none."""
     values = getattr(result, "values", None)
     return {k: float(v) for k, v in values.items()} if isinstance(values, Mapping) else {}
 
 
-def _metric_key(result: Any) -> tuple[float, ...]:
+def tie_break_key(result: Any) -> tuple[float, ...]:
     """Tie-break among equal CF_Scores: larger CPG, then lower LPIPS, higher cosine, lower L2."""
-    values = _score_values(result)
+    values = raw_values_of(result)
 
     def get(name: str, sign: float) -> float:
         v = values.get(name, math.nan)
@@ -157,19 +140,20 @@ def _metric_key(result: Any) -> tuple[float, ...]:
     return (get("cpg", 1.0), get("lpips", -1.0), get("clip_cosine", 1.0), get("l2", -1.0))
 
 
-def _unet_calls(maker: Any) -> int:
+def unet_calls_of(maker: Any) -> int:
     """UNet evaluations per batch item so far (a batch of 8 latents counts 8)."""
     ld = getattr(maker, "ld", None)
     return int(getattr(ld, "unet_calls", getattr(maker, "unet_calls", 0)))
 
 
-def _unet_passes(maker: Any) -> int:
+def unet_passes_of(maker: Any) -> int:
     """UNet forward passes so far (a batch of 8 latents counts 1): what wall time follows."""
     ld = getattr(maker, "ld", None)
     return int(getattr(ld, "unet_forward_passes", getattr(maker, "unet_forward_passes", 0)))
 
 
-def _score_batch(scorer: Any, factual: torch.Tensor, counterfactuals: torch.Tensor, finding: str) -> list:
+def score_batch(scorer: Any, factual: torch.Tensor, counterfactuals: torch.Tensor, finding: str) -> list:
+    """One scorer result per counterfactual (N, 1, H, W); `scorer.score(...)` or `scorer(...)`."""
     score = getattr(scorer, "score", None)
     results = score(factual, counterfactuals, finding) if callable(score) else scorer(factual, counterfactuals, finding)
     results = list(results)
@@ -178,7 +162,8 @@ def _score_batch(scorer: Any, factual: torch.Tensor, counterfactuals: torch.Tens
     return results
 
 
-def _as_single_image(image: torch.Tensor) -> torch.Tensor:
+def as_single_image(image: torch.Tensor) -> torch.Tensor:
+    """(1, H, W) or (1, 1, H, W) -> (1, 1, H, W) float; anything else fails naming the shape."""
     if image.ndim == 3:
         image = image.unsqueeze(0)
     if image.ndim != 4 or image.shape[:2] != (1, 1):
@@ -266,7 +251,7 @@ class MetricGuidedSearch:
     # -- one finding ---------------------------------------------------------------------------
     def search(self, image: torch.Tensor, source_prompt: str, target_prompt: str, finding: str) -> SearchResult:
         """image (1, H, W) or (1, 1, H, W) in [0, 1] -> the accepted (or best) counterfactual."""
-        factual = _as_single_image(image)
+        factual = as_single_image(image)
         size = tuple(factual.shape[-2:])
         start_time = time.perf_counter()
         attempts: list[dict[str, Any]] = []
@@ -281,15 +266,15 @@ class MetricGuidedSearch:
                         continue  # a maker without null settings is tried once per checkpoint
                     effective_null = None
                 maker = self.maker_for(checkpoint, effective_null)
-                passes_start.setdefault(id(getattr(maker, "ld", maker)), (maker, _unet_passes(maker)))
-                t0, c0 = time.perf_counter(), _unet_calls(maker)
+                passes_start.setdefault(id(getattr(maker, "ld", maker)), (maker, unet_passes_of(maker)))
+                t0, c0 = time.perf_counter(), unet_calls_of(maker)
                 inversion = maker.invert(factual, [source_prompt])
-                pending_calls, pending_seconds = _unet_calls(maker) - c0, time.perf_counter() - t0
+                pending_calls, pending_seconds = unet_calls_of(maker) - c0, time.perf_counter() - t0
                 for strength, guidances in self._strength_guidance_batches():
-                    t1, c1 = time.perf_counter(), _unet_calls(maker)
+                    t1, c1 = time.perf_counter(), unet_calls_of(maker)
                     images = maker.edit(inversion, [target_prompt], guidances=guidances, strength=strength,
                                         output_size=size)[0]
-                    calls = _unet_calls(maker) - c1 + pending_calls
+                    calls = unet_calls_of(maker) - c1 + pending_calls
                     seconds = time.perf_counter() - t1 + pending_seconds
                     pending_calls, pending_seconds = 0, 0.0
                     settings = [
@@ -300,15 +285,15 @@ class MetricGuidedSearch:
                     attempts.extend(group)
                     total_calls += calls
                     for k, attempt in enumerate(group):
-                        candidate = (attempt["score"], attempt["verified"] is True, _metric_key(attempt["_result"]))
+                        candidate = (attempt["score"], attempt["verified"] is True, tie_break_key(attempt["_result"]))
                         if best is None or candidate > best[0]:
                             best = (candidate, images[k], attempt)
                     if accepted_index is not None:
-                        passes = sum(_unet_passes(m) - p for m, p in passes_start.values())
+                        passes = sum(unet_passes_of(m) - p for m, p in passes_start.values())
                         return self._finish(images[accepted_index], group[accepted_index], attempts, finding,
                                             total_calls, start_time, accepted=True, passes=passes)
         assert best is not None  # every loop ran at least once (checked in __init__)
-        passes = sum(_unet_passes(m) - p for m, p in passes_start.values())
+        passes = sum(unet_passes_of(m) - p for m, p in passes_start.values())
         return self._finish(best[1], best[2], attempts, finding, total_calls, start_time, accepted=False,
                             passes=passes)
 
@@ -321,8 +306,8 @@ class MetricGuidedSearch:
     def _judge(self, factual, images, finding, settings, calls, seconds):
         """Score a guidance batch (cheap), cycle-check the passing ones (one generator call)."""
         t0 = time.perf_counter()
-        results = _score_batch(self.scorer, factual.expand(images.shape[0], -1, -1, -1), images, finding)
-        passing = [k for k, r in enumerate(results) if _score_int(r) >= self.required_score]
+        results = score_batch(self.scorer, factual.expand(images.shape[0], -1, -1, -1), images, finding)
+        passing = [k for k, r in enumerate(results) if cf_score_of(r) >= self.required_score]
         verified: dict[int, bool] = {}
         if passing:
             answers = list(self.cycle_check(images[passing], [finding] * len(passing)))
@@ -338,9 +323,9 @@ class MetricGuidedSearch:
                 accepted_index = k
             group.append({
                 **settings[k],
-                "score": _score_int(result),
+                "score": cf_score_of(result),
                 "failed": list(getattr(result, "failed", [])),
-                "values": _score_values(result),
+                "values": raw_values_of(result),
                 "verified": verified.get(k),
                 "accepted": ok,
                 "unet_calls": calls / n,
@@ -380,230 +365,3 @@ class MetricGuidedSearch:
         if not (images.shape[0] == len(source_prompts) == len(target_prompts) == len(findings)):
             raise ValueError("search_many needs one source prompt, target prompt and finding per image")
         return [self.search(images[i], source_prompts[i], target_prompts[i], findings[i]) for i in range(images.shape[0])]
-
-
-
-def evaluate_setting(
-    maker: Any, scorer: Any, cycle_check: CycleCheck, image: torch.Tensor, source_prompt: str, target_prompt: str,
-    finding: str, strength: float, guidance: float, required_score: int = 5, extra: Mapping[str, Any] | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Invert + sample one setting, score it, cycle-check it when it passes CF_Score.
-
-    Returns (image (1, H, W), attempt dict with score, verified, accepted, unet_calls, seconds).
-    """
-    factual = _as_single_image(image)
-    t0, c0, p0 = time.perf_counter(), _unet_calls(maker), _unet_passes(maker)
-    inversion = maker.invert(factual, [source_prompt])
-    cf = maker.edit(inversion, [target_prompt], guidances=[guidance], strength=strength,
-                    output_size=tuple(factual.shape[-2:]))[0]
-    calls = _unet_calls(maker) - c0
-    result = _score_batch(scorer, factual, cf, finding)[0]
-    verified = None
-    if _score_int(result) >= required_score:
-        verified = bool(list(cycle_check(cf, [finding]))[0])
-    attempt = {
-        **(extra or {}),
-        "strength": float(strength),
-        "guidance": float(guidance),
-        "score": _score_int(result),
-        "failed": list(getattr(result, "failed", [])),
-        "values": _score_values(result),
-        "verified": verified,
-        "accepted": verified is True,
-        "unet_calls": calls,
-        "unet_passes": _unet_passes(maker) - p0,
-        "seconds": time.perf_counter() - t0,
-        "_result": result,
-    }
-    return cf[0], attempt
-
-
-def algorithm1_search(
-    makers: Mapping[str, Any] | Callable[[str, Any], Any],
-    scorer: Any,
-    cycle_check: CycleCheck,
-    image: torch.Tensor,
-    source_prompt: str,
-    target_prompt: str,
-    finding: str,
-    null_settings: Sequence = ("default", "underfit"),
-    checkpoints: Sequence[str] = DEFAULT_CHECKPOINTS,
-    strengths: Sequence[float] = DEFAULT_STRENGTHS,
-    guidances: Sequence[float] = DEFAULT_GUIDANCES,
-    required_score: int = 5,
-) -> SearchResult:
-    """Seed 000's Algorithm 1 as written: loops H_null, checkpoint, delta, omega in the given order,
-    re-inverting at every setting (fresh cache; NTI fitted at the sampling omega), first accepted
-    result returned, else the best by (score, metrics). Acceptance as in `MetricGuidedSearch`."""
-    start_time = time.perf_counter()
-    attempts: list[dict[str, Any]] = []
-    best = None
-    total_calls = 0
-    for null_setting in null_settings:
-        for checkpoint in checkpoints:
-            if isinstance(makers, Mapping):
-                base = makers[checkpoint]
-                if hasattr(base, "with_null_setting"):
-                    base = base.with_null_setting(null_setting)
-                elif null_setting != null_settings[0]:
-                    continue  # a maker without null settings has one H_null
-            else:
-                base = makers(checkpoint, null_setting)
-            for strength in strengths:
-                for guidance in guidances:
-                    changes: dict[str, Any] = {"cache": InversionCache()}
-                    if hasattr(base, "inversion_guidance"):
-                        changes["inversion_guidance"] = float(guidance)
-                    maker = base.replace(**changes) if hasattr(base, "replace") else base
-                    cf, attempt = evaluate_setting(
-                        maker, scorer, cycle_check, image, source_prompt, target_prompt, finding, strength, guidance,
-                        required_score, {"null_setting": null_setting, "checkpoint": checkpoint},
-                    )
-                    attempts.append(attempt)
-                    total_calls += attempt["unet_calls"]
-                    key = (attempt["score"], attempt["verified"] is True, _metric_key(attempt["_result"]))
-                    if best is None or key > best[0]:
-                        best = (key, cf, attempt)
-                    if attempt["accepted"]:
-                        best = (key, cf, attempt)
-                        return _algorithm1_result(best, attempts, finding, total_calls, start_time, True)
-    return _algorithm1_result(best, attempts, finding, total_calls, start_time, False)
-
-
-def _algorithm1_result(best, attempts, finding, total_calls, start_time, accepted) -> SearchResult:
-    _, image, attempt = best
-    return SearchResult(
-        image=image.detach().cpu(),
-        accepted=accepted,
-        verified=attempt["verified"],
-        score=attempt["_result"],
-        setting={k: attempt[k] for k in ("null_setting", "checkpoint", "strength", "guidance")},
-        attempts=[{k: v for k, v in a.items() if k != "_result"} for a in attempts],
-        unet_calls=int(total_calls),
-        seconds=time.perf_counter() - start_time,
-        finding=finding,
-        unet_passes=int(sum(a.get("unet_passes", 0) for a in attempts)),
-    )
-
-
-def ablation_tables(attempt_logs: Sequence[Sequence[Mapping[str, Any]]], required_score: int = 5) -> dict[str, Any]:
-    """Seed 000's ablations from per-finding attempt logs (`SearchResult.attempts`).
-
-    For each cell (delta x omega, checkpoint, null setting): attempts tried, attempts reaching the
-    required CF_Score, accepted attempts, and share_of_accepted = the cell's share of the findings
-    accepted (the paper's "success shares"). failed_criteria: attempts failing each criterion.
-    """
-    tables: dict[str, dict[str, dict[str, float]]] = {}
-    dimensions = {
-        "by_strength_guidance": lambda a: f"delta={a['strength']:g}|omega={a['guidance']:g}",
-        "by_checkpoint": lambda a: str(a["checkpoint"]),
-        "by_null_setting": lambda a: str(a["null_setting"]),
-    }
-    n_accepted = sum(any(a.get("accepted") for a in log) for log in attempt_logs)
-    for table, cell_of in dimensions.items():
-        cells: dict[str, dict[str, float]] = defaultdict(lambda: {"attempts": 0, "score_passed": 0, "accepted": 0})
-        for log in attempt_logs:
-            for attempt in log:
-                cell = cells[cell_of(attempt)]
-                cell["attempts"] += 1
-                cell["score_passed"] += int(attempt["score"] >= required_score)
-                cell["accepted"] += int(bool(attempt.get("accepted")))
-        for cell in cells.values():
-            cell["share_of_accepted"] = cell["accepted"] / n_accepted if n_accepted else 0.0
-        tables[table] = dict(sorted(cells.items()))
-    # which CF_Score criteria stop the attempts (what to tune or recalibrate first)
-    failed: dict[str, int] = defaultdict(int)
-    for log in attempt_logs:
-        for attempt in log:
-            for criterion in attempt.get("failed", ()):
-                failed[criterion] += 1
-    tables["failed_criteria"] = dict(sorted(failed.items()))
-    return {"n_findings": len(attempt_logs), "n_accepted": n_accepted, **tables}
-
-
-# -- threshold calibration for stand-in encoders (phantom world) ------------------------------
-def calibrate_thresholds(values: Mapping[str, Sequence[float]], coverage: float = 0.9,
-                         min_cpg: float = CFThresholds().cpg) -> CFThresholds:
-    """Thresholds admitting `coverage` of ground-truth counterfactual pairs (see module doc, step 3).
-
-    values: raw metric values of true (phantom, phantom without the finding) pairs, keys lpips,
-    clip_cosine, l2, cpg, fet (as `CounterfactualScorer.raw_values` names them).
-    """
-    if not 0.5 <= coverage < 1.0:
-        raise ValueError(f"coverage must be in [0.5, 1), got {coverage}")
-    needed = ("lpips", "clip_cosine", "l2", "cpg", "fet")
-    missing = [k for k in needed if k not in values or len(values[k]) == 0]
-    if missing:
-        raise ValueError(f"calibrate_thresholds needs values for {missing}")
-    arrays = {k: np.asarray(values[k], dtype=np.float64) for k in needed}
-    bad = [k for k, a in arrays.items() if not np.isfinite(a).all()]
-    if bad:
-        raise ValueError(f"calibration values contain NaN / inf for {bad}")
-    return CFThresholds(
-        lpips=float(np.quantile(arrays["lpips"], coverage)),
-        clip=float(np.quantile(arrays["clip_cosine"], 1.0 - coverage)),
-        l2=float(np.quantile(arrays["l2"], coverage)),
-        cpg=max(float(min_cpg), float(np.quantile(arrays["cpg"], 1.0 - coverage))),
-        fet=float(np.quantile(arrays["fet"], 1.0 - coverage)),
-    )
-
-
-def save_thresholds(path: str | Path, thresholds: CFThresholds, provenance: Mapping[str, Any]) -> Path:
-    """Write `cf_thresholds.json` (thresholds + how they were calibrated) atomically."""
-    path = Path(path)
-    write_text_atomic(path, json.dumps({"thresholds": asdict(thresholds), "provenance": dict(provenance)}, indent=2))
-    return path
-
-
-def load_thresholds(path: str | Path) -> CFThresholds:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-        raw = data["thresholds"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: expected JSON with a 'thresholds' object ({err})") from err
-    names = {f.name for f in fields(CFThresholds)}
-    unknown = set(raw) - names
-    if unknown:
-        raise ValueError(f"{path}: unknown threshold names {sorted(unknown)}; expected {sorted(names)}")
-    return CFThresholds(**{k: float(v) for k, v in raw.items()})
-
-
-@dataclass
-class SearchSummary:
-    """Acceptance and cost of one arm over many findings (benchmark rows)."""
-
-    acceptance_rate: float
-    unet_calls_per_accepted: float | None
-    unet_passes_per_accepted: float | None
-    seconds_per_accepted: float | None
-    n_findings: int
-    n_accepted: int
-    unet_calls_total: int
-    unet_passes_total: int
-    seconds_total: float
-    mean_score: float
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_results(cls, results: Sequence[SearchResult]) -> SearchSummary:
-        n = len(results)
-        accepted = sum(r.accepted for r in results)
-        calls = sum(r.unet_calls for r in results)
-        passes = sum(r.unet_passes for r in results)
-        seconds = sum(r.seconds for r in results)
-        return cls(
-            acceptance_rate=accepted / n if n else 0.0,
-            unet_calls_per_accepted=calls / accepted if accepted else None,
-            unet_passes_per_accepted=passes / accepted if accepted else None,
-            seconds_per_accepted=seconds / accepted if accepted else None,
-            n_findings=n,
-            n_accepted=accepted,
-            unet_calls_total=int(calls),
-            unet_passes_total=int(passes),
-            seconds_total=seconds,
-            mean_score=float(np.mean([_score_int(r.score) for r in results])) if n else 0.0,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

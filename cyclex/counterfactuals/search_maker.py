@@ -38,8 +38,8 @@ from cyclex.counterfactuals.search import (
     CycleCheck,
     MetricGuidedSearch,
     SearchResult,
-    ablation_tables,
 )
+from cyclex.counterfactuals.search_statistics import ablation_tables
 from cyclex.findings import StructuredPrompt
 
 logger = logging.getLogger(__name__)

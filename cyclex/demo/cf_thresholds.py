@@ -1,12 +1,16 @@
 """CF_Score thresholds of the phantom demo, calibrated once and stored beside the demo models.
 
-The procedure is documented in `cyclex.counterfactuals.search` (module doc): the stand-in scorer
-(phantom classifier as encoder and classifier, `StandInLPIPS` on its convolutions) scores true
-counterfactual pairs (a phantom and the same phantom rendered without one finding), and
-`calibrate_thresholds` keeps the quantiles admitting `COVERAGE` of them. The result is written to
-`$CYCLEX_HOME/demo/cf_thresholds.json` (with seeds, n and coverage) and read back by later runs;
-`scripts/package_demo_weights.py` ships that file with the demo weights, and a fresh machine installs
-it instead of recalibrating.
+The phantom world has no CLIP or LPIPS weights, so the demo scores with stand-ins and calibrates
+their thresholds once (the generic procedure: `cyclex.explain.cf_threshold_calibration`):
+1. stand-in encoder: the penultimate features of the phantom classifier (trained on phantoms),
+   used for both the "CLIP" cosine / L1 / L2 and the FET; LPIPS: the `lpips` package's architecture
+   on the same stand-in features when no backbone weights exist (`StandInLPIPS`);
+2. calibration pairs: phantoms and their ground-truth counterfactuals, which the phantom generator
+   renders exactly (same seed, the finding removed) - something real data never offers;
+3. `calibrate_cf_thresholds` keeps the quantiles admitting `COVERAGE` of them;
+4. the result is written to `$CYCLEX_HOME/demo/cf_thresholds.json` (with seeds, n and coverage)
+   and read back by later runs; `scripts/package_demo_weights.py` ships that file with the demo
+   weights, and a fresh machine installs it instead of recalibrating.
 
 Version 2 (`CALIBRATION_VERSION`): the counterfactual of each pair goes through the demo SDs' VAE
 (encode, decode) first, when a demo SD is cached (base or tailored). Every counterfactual a tailored SD makes is a
@@ -25,7 +29,11 @@ from pathlib import Path
 
 import torch
 
-from cyclex.counterfactuals.search import calibrate_thresholds, load_thresholds, save_thresholds
+from cyclex.explain.cf_threshold_calibration import (
+    calibrate_cf_thresholds,
+    load_cf_thresholds,
+    save_cf_thresholds,
+)
 from cyclex.explain.scores import CFThresholds, CounterfactualScorer
 
 logger = logging.getLogger(__name__)
@@ -124,14 +132,14 @@ def thresholds_for(scorer: CounterfactualScorer, path: str | Path | None,
 
         install_packaged_assets()  # the shipped calibration: the same thresholds on every machine
     if path is not None and path.is_file() and _stored_version(path) == CALIBRATION_VERSION:
-        return load_thresholds(path)
+        return load_cf_thresholds(path)
     if autoencoder is None:
         autoencoder = demo_autoencoder()
     values, seeds = calibration_values(scorer, autoencoder=autoencoder)
-    thresholds = calibrate_thresholds(values, coverage=COVERAGE)
+    thresholds = calibrate_cf_thresholds(values, coverage=COVERAGE)
     if path is not None:
-        save_thresholds(path, thresholds, {
-            "procedure": ("cyclex.counterfactuals.search.calibrate_thresholds on true phantom counterfactual pairs"
+        save_cf_thresholds(path, thresholds, {
+            "procedure": ("cyclex.explain.cf_threshold_calibration.calibrate_cf_thresholds on true phantom counterfactual pairs"
                           + (", counterfactual through the demo SDs' VAE" if autoencoder is not None else "")),
             "version": CALIBRATION_VERSION, "autoencoder": autoencoder is not None,
             "coverage": COVERAGE, "n_pairs": len(seeds), "seeds": seeds,

@@ -24,7 +24,7 @@ def search_scorer_from_specs(
     """classifier: 'auto' | 'phantom[:DIR]' | 'xrv:WEIGHTS[::PATH]'; encoder: 'auto' | 'classifier' |
     'clip:PATH_OR_ID' | 'xrv:...' | 'phantom[:DIR]'; lpips: 'auto' | 'alex[:PATH]' | 'vgg[:PATH]' |
     'stand-in' (LPIPS's formula on the classifier's convolutions) | 'none' (the LPIPS criterion then
-    fails, so CF_Score 5 cannot be reached); thresholds: a cf_thresholds.json (`save_thresholds`),
+    fails, so CF_Score 5 cannot be reached); thresholds: a cf_thresholds.json (`save_cf_thresholds`),
     default: the demo calibration when `demo`, else seed 000's Table 2.
     demo: the generator is a phantom-world demo generator ('demo:clean' / 'demo:shortcut')."""
     from cyclex.explain.evaluate_run import load_classifier_spec, load_encoder_spec, load_lpips_spec
@@ -50,12 +50,12 @@ def search_scorer_from_specs(
         lpips_metric = load_lpips_spec(lpips_kind)
     scorer = CounterfactualScorer(loaded_encoder, loaded_classifier, lpips=lpips_metric)
     if thresholds is not None:
-        from cyclex.counterfactuals.search import load_thresholds
+        from cyclex.explain.cf_threshold_calibration import load_cf_thresholds
 
         path = Path(thresholds)
         if not path.is_file():
             raise FileNotFoundError(f"--thresholds {path}: no such file (expected a cf_thresholds.json)")
-        scorer.thresholds = load_thresholds(path)
+        scorer.thresholds = load_cf_thresholds(path)
     elif demo:
         from cyclex.demo.cf_thresholds import demo_thresholds_path, thresholds_for
 
