@@ -43,13 +43,8 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    from cyclex.explain.evaluate_run import (
-        EvaluationConfig,
-        evaluate_run,
-        load_classifier_spec,
-        load_encoder_spec,
-        load_lpips_spec,
-    )
+    from cyclex.explain.evaluate_run import EvaluationConfig, evaluate_run
+    from cyclex.specs.scorers import load_classifier_spec, load_encoder_spec, load_lpips_spec
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
@@ -186,13 +181,15 @@ def explain(
         names = [name.strip() for value in (findings or []) for name in value.split(",") if name.strip()]
         search_kwargs, scorer = None, None
         if search:
-            from cyclex.counterfactuals.search_maker import is_demo_generator, search_kwargs_from_text
-            from cyclex.explain.scorer_specs import search_scorer_from_specs
+            from cyclex.specs.scorers import is_demo_generator_spec, search_scorer_from_specs
+            from cyclex.specs.search_grid import search_kwargs_from_text
 
             search_kwargs = search_kwargs_from_text(search_checkpoints, search_strengths, search_guidances,
                                                     null_settings, required_score)
             search_kwargs["guidance_batch_size"] = search_guidance_batch or None
-            scorer = search_scorer_from_specs(classifier, encoder, lpips, thresholds, demo=is_demo_generator(generator))
+            # the application decides from the spec that a demo generator gets the phantom stand-ins
+            scorer = search_scorer_from_specs(classifier, encoder, lpips, thresholds,
+                                              demo=is_demo_generator_spec(generator))
         maker_kwargs = {}
         if attention_control != "none":
             from cyclex.counterfactuals.attention_control import AttentionControlConfig

@@ -125,7 +125,7 @@ def test_figure_writers_check_their_input(tmp_path):
 
 
 def test_cli_specs(tmp_path, monkeypatch):
-    from cyclex.explain.evaluate_run import load_classifier_spec, load_encoder_spec, load_lpips_spec
+    from cyclex.specs.scorers import load_classifier_spec, load_encoder_spec, load_lpips_spec
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert load_lpips_spec("auto") is None  # no AlexNet weights here: skipped with a warning

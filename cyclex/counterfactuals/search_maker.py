@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from cyclex.counterfactuals.search import (
 )
 from cyclex.counterfactuals.search_statistics import ablation_tables
 from cyclex.findings import StructuredPrompt
+from cyclex.jsonl import to_json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -72,25 +71,13 @@ def removed_finding(source_prompt: str, target_prompt: str) -> str:
     return removed[0]
 
 
-def _plain(value: Any) -> Any:
-    """JSON-friendly copy (tuples -> lists, dataclasses -> dicts, NaN / inf -> None: standard JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if is_dataclass(value) and not isinstance(value, type):
-        return _plain(asdict(value))
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 class SearchingMaker(CounterfactualMaker):
     """A `CounterfactualMaker` running `MetricGuidedSearch` per request.
 
     makers: {checkpoint name: maker with invert()/edit()} (`NullTextInversionMaker`, the fast
         inversions), one per checkpoint searched; they should share one `InversionCache`.
-    scorer: a `CounterfactualScorer` (thresholds included) or a callable (factual, cf, finding) -> results.
+    scorer: a `CounterfactualScorer` (thresholds included) or a callable (factual, cf, finding) -> results;
+        the caller builds it (from text specs: `cyclex.specs.scorers.search_scorer_from_specs`).
     cycle_check: explicit `cycle_check(images, findings) -> bools`; when None, the engine's generator and
         labeler provide it through `bind_cycle` (an explicit one is kept).
     null_settings / strengths / guidances / required_score / order_by_paper_shares: the search grid
@@ -227,7 +214,7 @@ class SearchingMaker(CounterfactualMaker):
 
     # -- settings ------------------------------------------------------------------------------
     def _grid(self) -> dict[str, Any]:
-        return _plain({
+        return to_json_safe({
             "null_settings": self.search.null_settings,
             "checkpoints": self.search.checkpoints,
             "strengths": self.search.strengths,
@@ -244,7 +231,7 @@ class SearchingMaker(CounterfactualMaker):
         for key in ("checkpoint", "strength", "guidance_scale", "null_setting", "inner_steps", "early_stop_eps"):
             base.pop(key, None)  # chosen per request by the search
         thresholds = getattr(self.scorer, "thresholds", None)
-        return _plain({
+        return to_json_safe({
             **base,
             "variant": f"{base_variant}+search",
             "search": self._grid(),
@@ -272,7 +259,7 @@ class SearchingMaker(CounterfactualMaker):
             self.results.append(result)
             outputs.append(result.image.reshape(1, *images.shape[-2:]).float().clamp(0, 1))
             summary = result.summary()
-            details.append(_plain({
+            details.append(to_json_safe({
                 **self.settings(),
                 "seed": seed,
                 "finding": finding,
@@ -294,52 +281,9 @@ class SearchingMaker(CounterfactualMaker):
             return
         image_sha = image_hash(image)
         key = f"{image_sha}|{source_prompt}|{result.finding}"
-        self._log[key] = _plain({
+        self._log[key] = to_json_safe({
             "request": key, "image_sha256": image_sha, "source_prompt": source_prompt,
             "target_prompt": target_prompt, **result.summary(), "attempts": result.attempts,
         })
         text = "".join(json.dumps(line, default=str) + "\n" for line in self._log.values())
         write_text_atomic(self.log_path, text)
-
-
-def default_search_scorer(generator) -> Any:
-    """The scorer `from_pretrained(..., search=True)` uses when none is given: the phantom stand-ins and
-    the demo's calibrated thresholds for demo generators, seed 000's choices otherwise
-    (`cyclex.explain.scorer_specs.search_scorer_from_specs` with 'auto' specs)."""
-    from cyclex.explain.scorer_specs import search_scorer_from_specs
-
-    return search_scorer_from_specs(demo=is_demo_generator(generator))
-
-
-def is_demo_generator(generator_or_spec: Any) -> bool:
-    """True for the phantom world's demo generators ('demo:clean', 'demo:shortcut', or one loaded from them)."""
-    name = generator_or_spec if isinstance(generator_or_spec, str) else getattr(
-        getattr(generator_or_spec, "info", None), "name", "")
-    return str(name).startswith("demo:")
-
-
-
-def search_kwargs_from_text(checkpoints: str, strengths: str, guidances: str, null_settings: str,
-                            required_score: int = 5) -> dict[str, Any]:
-    """The CLI's comma-separated grid ("best_l2,best_l1", "1.0,0.9,0.8", "7,8,9,10", "default,underfit")
-    as `SearchingMaker` keyword arguments."""
-
-    def items(text: str, option: str) -> list[str]:
-        values = [v.strip() for v in str(text).split(",") if v.strip()]
-        if not values:
-            raise ValueError(f"{option} needs at least one comma-separated value, got {text!r}")
-        return values
-
-    def numbers(text: str, option: str) -> tuple[float, ...]:
-        try:
-            return tuple(float(v) for v in items(text, option))
-        except ValueError as err:
-            raise ValueError(f"{option} must be comma-separated numbers, got {text!r}") from err
-
-    return {
-        "checkpoints": tuple(items(checkpoints, "--search-checkpoints")),
-        "strengths": numbers(strengths, "--search-strengths"),
-        "guidances": numbers(guidances, "--search-guidances"),
-        "null_settings": tuple(items(null_settings, "--null-settings")),
-        "required_score": int(required_score),
-    }

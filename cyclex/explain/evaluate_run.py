@@ -17,6 +17,9 @@ alignment map is the positive part of query - counterfactual (seed 000; `map_kin
 |query - CF|), compared against the item's mask (or the annotation set's) in the chest box: NCC,
 pixel AUC, AUC-IoU and top-k hits for the full mask, its boundary and its dilated boundary; NCC with
 an eye-tracking heatmap when one is given.
+
+It takes loaded metric models (classifier, encoder, LPIPS); `cyclex.specs.scorers` turns the CLI's
+specs ('phantom', 'xrv:...', 'clip:...') into them.
 """
 
 from __future__ import annotations
@@ -57,9 +60,6 @@ __all__ = [
     "read_results",
     "evaluate_run",
     "difference_map",
-    "load_classifier_spec",
-    "load_encoder_spec",
-    "load_lpips_spec",
 ]
 
 REQUIRED_KEYS = ("image_id", "finding", "verified", "query_png", "counterfactual_png")
@@ -292,62 +292,3 @@ def _draw(figure_dir: Path, rows: list[dict], curves: dict, config: EvaluationCo
             {k: (c["threshold_iou"]["thresholds"], c["threshold_iou"]["ious"], c["threshold_iou"]["auc_iou"])
              for k, c in by_label.items()}, figure_dir / "threshold_iou.png").name
     return {k: f"figures/{v}" for k, v in drawn.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Text specs for the CLI ("phantom", "xrv:NAME[::PATH]", "clip:PATH_OR_ID", ...)
-
-
-def load_classifier_spec(spec: str) -> Classifier | None:
-    """'phantom[:DIR]' (demo classifier, trained when missing), 'xrv:WEIGHTS[::PATH]', or 'none'."""
-    kind, _, rest = spec.partition(":")
-    if kind == "none":
-        return None
-    if kind == "phantom":
-        from cyclex.demo.phantom_classifier import load_phantom_classifier
-
-        return load_phantom_classifier(rest or None)
-    if kind == "xrv":
-        from cyclex.explain.effectiveness import XRVClassifier
-
-        weights, _, path = (rest or "densenet121-res224-all").partition("::")
-        return XRVClassifier(weights, weights_path=path or None)
-    raise ValueError(f"classifier spec must be 'phantom[:DIR]', 'xrv:WEIGHTS[::PATH]' or 'none', got {spec!r}")
-
-
-def load_encoder_spec(spec: str, classifier: Classifier | None) -> ImageEncoder | None:
-    """'classifier' (the classifier's own features), 'clip:PATH_OR_ID', 'xrv:WEIGHTS[::PATH]',
-    'phantom[:DIR]' or 'none'."""
-    kind, _, rest = spec.partition(":")
-    if kind == "none":
-        return None
-    if kind == "classifier":
-        if classifier is None or not hasattr(classifier, "encode"):
-            raise ValueError("encoder 'classifier' needs a classifier with an encode() method; pass --encoder clip:PATH")
-        return classifier  # type: ignore[return-value]
-    if kind == "clip":
-        from cyclex.explain.faithfulness import CLIPImageEncoder
-
-        if not rest:
-            raise ValueError("encoder spec 'clip:' needs a folder or hub id, e.g. clip:/models/clip-vit-base-patch32")
-        return CLIPImageEncoder(rest)
-    if kind in ("xrv", "phantom"):
-        return load_classifier_spec(spec)  # type: ignore[return-value]
-    raise ValueError(f"encoder spec must be 'classifier', 'clip:PATH', 'xrv:WEIGHTS[::PATH]', 'phantom[:DIR]' "
-                     f"or 'none', got {spec!r}")
-
-
-def load_lpips_spec(spec: str) -> LPIPSMetric | None:
-    """'auto' (AlexNet from torch's cache when present, else none), 'alex' / 'vgg' [':PATH'], or 'none'."""
-    from cyclex.explain.faithfulness import LPIPSWeightsMissingError
-
-    kind, _, path = spec.partition(":")
-    if kind == "none":
-        return None
-    if kind == "auto":
-        try:
-            return LPIPSMetric("alex")
-        except LPIPSWeightsMissingError as error:
-            logger.warning("LPIPS skipped (its criterion counts as failed): %s", error)
-            return None
-    return LPIPSMetric(kind, backbone_weights=path or None)
