@@ -40,7 +40,7 @@ def check_image_batch(images: torch.Tensor, *, name: str = "images", views: bool
     ranks = (4, 5) if views else (4,)
     if images.ndim not in ranks or images.shape[-3] != 1:
         expected = "(B, 1, H, W) or (B, V, 1, H, W)" if views else "(B, 1, H, W)"
-        raise ValueError(f"{name} must have shape {expected}, got {tuple(images.shape)}")
+        raise ValueError(f"{name} must be a {expected} tensor, got shape {tuple(images.shape)}")
     images = images.float()
     if torch.isnan(images).any():
         raise ValueError(f"{name} contains NaN values")

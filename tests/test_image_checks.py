@@ -21,9 +21,9 @@ def test_batch_is_float32_and_rounding_is_clamped():
 def test_batch_errors_name_the_argument_and_the_expectation():
     with pytest.raises(TypeError, match=r"queries must be a torch.Tensor of shape \(B, 1, H, W\), got ndarray"):
         check_image_batch(np.zeros((1, 1, 4, 4)), name="queries")
-    with pytest.raises(ValueError, match=r"images must have shape \(B, 1, H, W\), got \(2, 3, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"images must be a \(B, 1, H, W\) tensor, got shape \(2, 3, 4, 4\)"):
         check_image_batch(torch.zeros(2, 3, 4, 4))
-    with pytest.raises(ValueError, match=r"must have shape \(B, 1, H, W\), got \(2, 2, 1, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"must be a \(B, 1, H, W\) tensor, got shape \(2, 2, 1, 4, 4\)"):
         check_image_batch(torch.zeros(2, 2, 1, 4, 4))
     bad = torch.zeros(1, 1, 4, 4)
     bad[0, 0, 1, 1] = float("nan")
@@ -38,7 +38,7 @@ def test_batch_errors_name_the_argument_and_the_expectation():
 def test_views_accepts_multi_view_studies_only_when_asked():
     studies = torch.rand(3, 2, 1, 8, 8)
     assert check_image_batch(studies, views=True).shape == (3, 2, 1, 8, 8)
-    with pytest.raises(ValueError, match=r"\(B, 1, H, W\) or \(B, V, 1, H, W\), got \(3, 2, 3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\) or \(B, V, 1, H, W\) tensor, got shape \(3, 2, 3, 8, 8\)"):
         check_image_batch(torch.rand(3, 2, 3, 8, 8), views=True)
 
 
