@@ -5,10 +5,12 @@ Pure functions over tensors / arrays, classes only where a model is held:
   CLIP directional similarity;
 - `effectiveness`: the `Classifier` protocol (torch modules, callables, torchxrayvision) and CPG;
 - `scores`: FET, CF_Score, `CounterfactualScorer`, PRISM's directional filter;
-- `alignment`: NCC, hit rate, pixel ROC-AUC, threshold-IoU, boundaries, chest-box restriction;
+- `alignment`: NCC, hit rate, pixel ROC-AUC, threshold-IoU, boundaries;
+- `chest_box`: the (x0, y0, x1, y1) chest boxes every map and metric can be restricted to;
+- `frames`: difference maps and seed 003's feature frames (arrays); `overlays` draws them;
 - `annotations`: masks, MS-CXR boxes, REFLACX ellipses, eye-tracking heatmaps;
 - `population`: CMIG, KL of mean probabilities, FID, causal axioms;
-- `figures`: the seed-000 plots; `evaluate_run`: `cyclex evaluate RUN`.
+- `figures`: the seed-000 plots (PNG writers); `evaluate_run`: `cyclex evaluate RUN`.
 """
 
 from cyclex.explain.alignment import (
