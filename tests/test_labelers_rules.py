@@ -84,6 +84,58 @@ def test_named_phrases(labeler, report, expected):
         assert labels[finding] is expected.get(finding, B), (report, finding, labels[finding])
 
 
+# Hand-written sentences in the phrasings of real reports (none is taken from a data set): the
+# negation and uncertainty scopes and the phrase lists tuned on real reports with expert labels.
+@pytest.mark.parametrize(("report", "expected"), [
+    # sentence ends: ".." ends a sentence, so the negation stops there
+    ("No focal consolidation.. Mild right basilar atelectasis is present.", {"Consolidation": N, "Atelectasis": P}),
+    # negation scopes end at "with" and after a closed clause ("... seen,")
+    ("No cardiomegaly with small bilateral effusions.", {"Cardiomegaly": N, "Pleural Effusion": P}),
+    ("No pneumothorax seen, mild left basilar atelectasis.", {"Pneumothorax": N, "Atelectasis": P}),
+    # a qualifying adjective hedges what follows it, not a mention before it
+    ("Mild cardiomegaly with probable pulmonary hypertension.", {"Cardiomegaly": P}),
+    ("Probable small effusions with mild basilar atelectasis.", {"Pleural Effusion": U, "Atelectasis": P}),
+    ("Streaky basilar opacity, possibly scarring, atelectasis, or early pneumonia.",
+     {"Lung Opacity": P, "Atelectasis": U, "Pneumonia": U}),
+    # modals and predicative hedges look back at their subject
+    ("A small left effusion may be present.", {"Pleural Effusion": U}),
+    ("A left lower lobe nodule is a possibility.", {"Lung Lesion": U}),
+    ("Pulmonary edema is difficult to entirely exclude.", {"Edema": U}),
+    ("Difficult to exclude a small apical pneumothorax.", {"Pneumothorax": U}),
+    # "versus" hedges its nearest neighbour before it, not the whole clause
+    ("Mild cardiomegaly and a small left effusion versus pleural thickening.",
+     {"Cardiomegaly": P, "Pleural Effusion": U, "Pleural Other": U}),
+    # hedges that end past a termination cue
+    ("Left basilar opacity may be compatible with subsegmental atelectasis.", {"Lung Opacity": P, "Atelectasis": U}),
+    ("Interstitial prominence possibly secondary to atypical infection.", {"Pneumonia": U}),
+    ("Question mild interstitial edema.", {"Edema": U}),
+    ("Please correlate clinically for pneumonia.", {"Pneumonia": U}),
+    ("Differential diagnosis is broad and includes edema.", {"Edema": U}),
+    # history and healed disease are not findings of this study
+    ("Known history of a right upper lobe mass.", {}),
+    ("Calcified granulomas from old granulomatous infection.", {}),
+    # other anatomy
+    ("A thyroid mass displaces the trachea to the right.", {}),
+    ("Lucent clavicle lesion; metastatic disease is possible.", {}),
+    ("Apical pleural-parenchymal scarring is unchanged.", {}),
+    ("Right upper lobe volume loss after lobectomy.", {}),
+    # phrase lists: telegraphic and borderline heart size, fissures, XXXX de-identification
+    ("Heart size moderately enlarged.", {"Cardiomegaly": P}),
+    ("Borderline heart size.", {"Cardiomegaly": P}),
+    ("The heart is borderline in size.", {"Cardiomegaly": P}),
+    ("The heart XXXX mildly enlarged.", {"Cardiomegaly": P}),
+    ("Interval increase in heart size.", {"Cardiomegaly": P}),
+    ("Fissural thickening on the lateral view.", {"Pleural Other": P}),
+    ("Thickening of the minor fissure.", {"Pleural Other": P}),
+    # "nodular opacity" describes an opacity's shape: an opacity, not a nodule
+    ("Nodular opacity in the right midlung.", {"Lung Opacity": P}),
+])
+def test_scopes_and_phrases_from_real_report_phrasings(labeler, report, expected):
+    labels = labeler.label([report])[0]
+    for finding in ABNORMALITIES:
+        assert labels[finding] is expected.get(finding, B), (report, finding, labels[finding])
+
+
 def test_aggregation_per_report_follows_chexpert(labeler):
     positive_wins, uncertain_wins, no_finding, devices_only, abnormal = labeler.label([
         "No pleural effusion on the right. Small left pleural effusion.",
