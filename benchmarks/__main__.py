@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-ORDER = ("generators", "tailored", "demo_guidance", "cycle", "search", "search_gpu")
+ORDER = ("generators", "tailored", "demo_guidance", "cycle", "search", "search_gpu", "labeler")
 # The arguments the committed results were made with (a 2-core CPU; see each module's docstring).
 ARGS = {
     "search": ["--findings", "40", "--steps", "10", "--required-score", "5", "--threads", "1"],  # the full grid
