@@ -167,9 +167,10 @@ def explain(
 
     from rich.console import Console
 
-    from cyclex.adapters import load_generator
     from cyclex.cycle.run_folder import RunFolderError, run_explain
+    from cyclex.cycle.settings import ExplainSettings, FrameSettings, SearchGrid
     from cyclex.findings import UnknownFindingError
+    from cyclex.specs.generators import load_generator
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
@@ -179,14 +180,14 @@ def explain(
         except ValueError:
             raise ValueError(f"--frame-threshold must be a number on 0-255 or 'stable', got {frame_threshold!r}") from None
         names = [name.strip() for value in (findings or []) for name in value.split(",") if name.strip()]
-        search_kwargs, scorer = None, None
+        search_grid, scorer = None, None
         if search:
             from cyclex.specs.scorers import is_demo_generator_spec, search_scorer_from_specs
             from cyclex.specs.search_grid import search_kwargs_from_text
 
-            search_kwargs = search_kwargs_from_text(search_checkpoints, search_strengths, search_guidances,
-                                                    null_settings, required_score)
-            search_kwargs["guidance_batch_size"] = search_guidance_batch or None
+            search_grid = SearchGrid(**search_kwargs_from_text(search_checkpoints, search_strengths, search_guidances,
+                                                               null_settings, required_score),
+                                     guidance_batch_size=search_guidance_batch or None)
             # the application decides from the spec that a demo generator gets the phantom stand-ins
             scorer = search_scorer_from_specs(classifier, encoder, lpips, thresholds,
                                               demo=is_demo_generator_spec(generator))
@@ -198,13 +199,15 @@ def explain(
                 raise ValueError(f"--attention-control needs --variant {' | '.join(ATTENTION_CONTROL_VARIANTS)}, "
                                  f"got --variant {variant}")
             maker_kwargs["attention_control"] = AttentionControlConfig(mode=attention_control, local_blend=local_blend)
-        summary = run_explain(
-            load_generator(generator), tailored, images, out, labeler_spec=labeler, variant=variant, maker_kwargs=maker_kwargs,
-            checkpoint=checkpoint, steps=steps, guidance=guidance, strength=strength, findings=names or None,
-            batch_size=batch_size, image_size=image_size, frame_threshold=threshold, frame_normalize=frame_normalize,
-            map_blur=map_blur, estimate_chest_boxes=estimate_chest_box, overwrite=overwrite, device=device, generator_spec=generator,
-            difference_reference=difference_reference.value, search=search, search_kwargs=search_kwargs, scorer=scorer,
+        settings = ExplainSettings(
+            variant=variant, checkpoint=checkpoint, steps=steps, guidance=guidance, strength=strength,
+            findings=tuple(names) or None, batch_size=batch_size, image_size=image_size,
+            difference_reference=difference_reference.value, device=device, search=search_grid,
+            frames=FrameSettings(threshold=threshold, normalize=frame_normalize, map_blur=map_blur,
+                                 estimate_chest_boxes=estimate_chest_box),
         )
+        summary = run_explain(load_generator(generator), tailored, images, out, settings=settings, labeler_spec=labeler,
+                              generator_spec=generator, maker_kwargs=maker_kwargs, scorer=scorer, overwrite=overwrite)
     except (FileNotFoundError, ValueError, KeyError, TypeError, RunFolderError, UnknownFindingError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(code=1) from None
@@ -251,8 +254,8 @@ def train_tailored_command(
 
     from rich.console import Console
 
-    from cyclex.adapters import load_generator
     from cyclex.labelers import load_labeler
+    from cyclex.specs.generators import load_generator
     from cyclex.tailored_training import (
         TailoredTrainingConfig,
         build_tailored_dataset,
@@ -326,8 +329,9 @@ def generate_command(
     from rich.console import Console
     from rich.markup import escape
 
-    from cyclex.adapters import GeneratorError, load_generator
+    from cyclex.adapters import GeneratorError
     from cyclex.datasets.images import ImageReadError, read_image, resize_image
+    from cyclex.specs.generators import load_generator
 
     errors = Console(stderr=True, soft_wrap=True)
     try:

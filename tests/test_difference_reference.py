@@ -218,8 +218,8 @@ def test_cli_lists_and_passes_the_option(tmp_path, monkeypatch):
     assert help_text.exit_code == 0 and "--difference-reference" in help_text.output
     assert "query|reconstruction" in help_text.output
 
-    import cyclex.specs.generators
     import cyclex.cycle.report_html
+    import cyclex.specs.generators
 
     captured = {}
 
@@ -234,17 +234,17 @@ def test_cli_lists_and_passes_the_option(tmp_path, monkeypatch):
             "--out", str(tmp_path / "run")]
     result = runner.invoke(app, [*base, "--difference-reference", "reconstruction"])
     assert result.exit_code == 0, result.output
-    assert captured["difference_reference"] == "reconstruction"
+    assert captured["settings"].difference_reference == "reconstruction"  # typed ExplainSettings (issue 15)
     result = runner.invoke(app, base)
-    assert result.exit_code == 0 and captured["difference_reference"] == "query"
+    assert result.exit_code == 0 and captured["settings"].difference_reference == "query"
     bad = runner.invoke(app, [*base, "--difference-reference", "cf"])
     assert bad.exit_code != 0
 
 
 def _fake_demo_models(monkeypatch, tmp_path, run_explain):
     """run_demo without models: fake assets, generator and reports; `run_explain` stands in for the run."""
-    import cyclex.specs.generators
     import cyclex.cycle.report_html
+    import cyclex.specs.generators
     from cyclex.demo import run_demo as demo
 
     monkeypatch.setattr(demo, "demo_assets", lambda names: {n: {"tailored": tmp_path, "generator": tmp_path}

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from cyclex.image_checks import check_image_batch
+
 
 @dataclass
 class CounterfactualOutput:
@@ -85,13 +87,16 @@ class CounterfactualMaker(abc.ABC):
         `CyclicExplainer.from_pretrained` calls it once the checkpoint is loaded: a pipeline's path names
         the folder, not which UNet was loaded. Makers that cache per weights override it.
         """
+        return None  # a declared no-op hook (not abstract): most makers have nothing to do here
 
     def bind_cycle(self, generator, labeler, uncertain_as_present: bool = True) -> None:
         """Hands the engine's generator and labeler to makers that verify candidates themselves (the
         search regenerates and relabels its candidates); `CyclicExplainer.__init__` calls it."""
+        return None
 
     def start_run(self, run_dir: str | Path) -> None:
         """Called by `run_explainer` before the first batch with the run folder the maker may log into."""
+        return None
 
     def finish_run(self, run_dir: str | Path) -> Path | None:
         """Called by `run_explainer` after the last batch (write run-level summaries); returns what it wrote."""
@@ -99,9 +104,7 @@ class CounterfactualMaker(abc.ABC):
 
     @staticmethod
     def check_request(images: torch.Tensor, source_prompts: Sequence[str], target_prompts: Sequence[str]) -> None:
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 1:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a (B, 1, H, W) tensor in [0, 1], got {shape}")
+        check_image_batch(images)
         if len(source_prompts) != images.shape[0] or len(target_prompts) != images.shape[0]:
             raise ValueError(
                 f"need one source and one target prompt per image: {images.shape[0]} images, "

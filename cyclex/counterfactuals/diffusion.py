@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from cyclex.image_checks import check_image_batch
+
 logger = logging.getLogger(__name__)
 
 
@@ -92,9 +94,8 @@ class LatentDiffusion:
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) in [0, 1] -> latents (B, C, H/f, W/f): VAE posterior mean x scaling factor."""
-        if images.ndim != 4 or images.shape[1] != 1:
-            raise ValueError(f"images must be (B, 1, H, W) in [0, 1], got shape {tuple(images.shape)}")
-        x = images.to(self.device, self.vae.dtype).clamp(0, 1).repeat(1, 3, 1, 1) * 2 - 1
+        images = check_image_batch(images)  # (B, 1, H, W), no NaN, clamped to [0, 1]
+        x = images.to(self.device, self.vae.dtype).repeat(1, 3, 1, 1) * 2 - 1
         latents = self.vae.encode(x).latent_dist.mean
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).to(self.dtype)

@@ -40,6 +40,7 @@ from cyclex.explain.frames import (
     resolve_threshold,
 )
 from cyclex.findings import ABNORMALITIES, FindingLabels, LabelState, StructuredPrompt, canonical_finding
+from cyclex.image_checks import check_image_batch
 
 logger = logging.getLogger(__name__)
 
@@ -153,14 +154,10 @@ def images_to_batch(images, image_size: int | None = None) -> torch.Tensor:
         if len(shapes) > 1:
             raise ValueError(f"images of one batch differ in size {sorted(shapes)}; pass image_size to resize them")
         batch = torch.cat(tensors)
-    if batch.ndim != 4 or batch.shape[1] != 1:
-        raise ValueError(f"images must be (B, 1, H, W) float in [0, 1], got shape {tuple(batch.shape)}")
+    check_image_batch(batch)  # shape first: the resize below needs (B, 1, H, W)
     if image_size is not None and tuple(batch.shape[-2:]) != (image_size, image_size):
         batch = F.interpolate(batch, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-    lo, hi = float(batch.min()), float(batch.max())
-    if lo < -1e-4 or hi > 1 + 1e-4:
-        raise ValueError(f"images must be in [0, 1], got values in [{lo:.3f}, {hi:.3f}]")
-    return batch.clamp(0, 1)
+    return check_image_batch(batch)
 
 
 class CyclicExplainer:

@@ -6,6 +6,7 @@ Layout::
       .cyclex-run.json       the marker that makes it a cyclex run folder (format, version, run id)
       .cyclex-run.lock       the run lock: one writer at a time (pid and host of the run writing now)
       run_config.json        settings of the run; resuming with other settings is refused
+      explain_settings.json  the typed `ExplainSettings` the run was built from (`run_explain`)
       results.jsonl          one line per image x removed finding, input order then vocabulary order
       summary.json           Cyclic Rate overall and per finding, counts, seconds
       items/IMAGE/FINDING/   query.png, counterfactual.png, difference.png (positive part, colour,
@@ -64,7 +65,7 @@ from cyclex.cycle.run_ownership import (  # noqa: F401  (RunFolderBusy: re-expor
     remove_run_files,
     write_marker,
 )
-from cyclex.explain.frames import DEFAULT_BLUR
+from cyclex.cycle.settings import ExplainSettings
 from cyclex.explain.overlays import draw_frame, normalize_map, show_map_on_image
 from cyclex.findings import ABNORMALITIES, canonical_finding, finding_slug
 from cyclex.jsonl import to_json_safe
@@ -73,6 +74,7 @@ logger = logging.getLogger(__name__)
 
 RESULTS_NAME = "results.jsonl"
 SUMMARY_NAME = "summary.json"
+EXPLAIN_SETTINGS_NAME = "explain_settings.json"  # the typed ExplainSettings the run was built from
 # Settings that do not change results: excluded from the resume check.
 _NON_RESULT_SETTINGS = ("batch_size", "images")
 # Settings added after runs were written: a run_config.json without them ran with these values.
@@ -291,12 +293,14 @@ def run_explainer(
     overwrite: bool = False,
     progress: bool = True,
     run_settings: Mapping[str, Any] | None = None,
+    explain_settings: ExplainSettings | None = None,
 ) -> dict[str, Any]:
     """Explain every record with `explainer` into the run folder `out`; returns the summary dict.
 
     records: dicts with "id", "image" (path or (H, W) array in [0, 1]) and optionally "chest_box"
     (x0, y0, x1, y1) and "masks" ({finding: mask png path}). findings: restrict removals to these.
     run_settings: extra settings recorded in run_config.json (generator spec, tailored folder ...).
+    explain_settings: the typed settings the run was built from, saved as RUN/explain_settings.json.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -317,6 +321,8 @@ def run_explainer(
         "images": len(records),
     })
     _check_config(out, config, overwrite)
+    if explain_settings is not None:
+        write_json_atomic(out / EXPLAIN_SETTINGS_NAME, to_json_safe(explain_settings.to_dict()))
     settings = {k: v for k, v in config.items() if k not in _NON_RESULT_SETTINGS}
     # maker hooks (the search logs its attempts and ablation tables into the run folder; no-ops otherwise)
     explainer.maker.start_run(out)
@@ -378,40 +384,29 @@ def run_explain(
     tailored_dir: str | Path,
     records: Sequence[Mapping[str, Any]] | str | Path,
     out: str | Path,
+    settings: ExplainSettings | None = None,
     *,
     labeler=None,
-    variant: str = "ddim",
-    checkpoint: str = "best_psnr",
-    steps: int = 50,
-    guidance: float = 7.5,
-    strength: float = 1.0,
-    findings: Sequence[str] | None = None,
-    batch_size: int = 8,
-    image_size: int | None = None,
-    frame_threshold: float | str | Mapping[str, float] = "stable",
-    frame_k: int = 5,
-    frame_normalize: bool = False,
-    map_blur: int = DEFAULT_BLUR,
-    estimate_chest_boxes: bool = False,
-    difference_reference: str = "query",
+    labeler_spec: str | None = None,
+    generator_spec: str | None = None,
+    maker_kwargs: Mapping[str, Any] | None = None,
+    scorer=None,
     overwrite: bool = False,
     progress: bool = True,
-    device=None,
-    generator_spec: str | None = None,
-    labeler_spec: str | None = None,
-    maker_kwargs: Mapping[str, Any] | None = None,
-    search: bool = False,
-    search_kwargs: Mapping[str, Any] | None = None,
-    scorer=None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Load the tailored SD, explain `records` (or the folder / CSV they come from) into `out`.
 
     The one call behind `cyclex explain` and the demo. Returns the summary dict (also summary.json).
-    search / search_kwargs / scorer: the metric-guided search (`CyclicExplainer.from_pretrained`); its
-    attempts go to RUN/search_attempts.jsonl and its ablation tables to RUN/search_ablation.json.
-    difference_reference: "query" (I - CF, the paper) or "reconstruction" (R - CF, R the query redrawn
-    by the maker with its own prompt; see `CyclicExplainer`).
+    settings: an `ExplainSettings` (default: its defaults); `overrides` change single fields with
+    the flat names `ExplainSettings.with_overrides` takes (steps=, guidance=, frame_threshold=,
+    difference_reference=, search=True, search_kwargs={...}, ...). The settings are saved to
+    RUN/explain_settings.json.
+    scorer: the search's `CounterfactualScorer` (with `settings.search`); its attempts go to
+    RUN/search_attempts.jsonl and its ablation tables to RUN/search_ablation.json.
+    maker_kwargs: extra keyword arguments of the variant's factory (e.g. attention_control).
     """
+    settings = (settings if settings is not None else ExplainSettings()).with_overrides(**overrides)
     if isinstance(records, (str, Path)):
         source = str(records)
         records = load_image_records(records)
@@ -419,22 +414,25 @@ def run_explain(
         source = None
     if labeler is None and labeler_spec:
         labeler = load_labeler_spec(labeler_spec)
+    searching = settings.search is not None
     explainer = CyclicExplainer.from_pretrained(
-        tailored_dir, generator=generator, labeler=labeler, variant=variant, checkpoint=checkpoint, device=device,
-        explainer_kwargs={"frame_threshold": frame_threshold, "frame_k": frame_k, "frame_normalize": frame_normalize,
-                          "map_blur": map_blur, "estimate_chest_boxes": estimate_chest_boxes, "difference_reference": difference_reference},
-        search=search, search_kwargs=search_kwargs, scorer=scorer,
-        num_inference_steps=steps, guidance_scale=guidance, strength=strength, **dict(maker_kwargs or {}),
+        tailored_dir, generator=generator, labeler=labeler, variant=settings.variant, checkpoint=settings.checkpoint,
+        device=settings.device,
+        explainer_kwargs={**settings.frames.explainer_kwargs(), "difference_reference": settings.difference_reference},
+        search=searching, search_kwargs=settings.search.maker_kwargs() if searching else None, scorer=scorer,
+        num_inference_steps=settings.steps, guidance_scale=settings.guidance, strength=settings.strength,
+        **dict(maker_kwargs or {}),
     )
     run_settings = {
         "generator": generator_spec or getattr(getattr(generator, "info", None), "name", type(generator).__name__),
         "labeler": labeler_spec or type(explainer.labeler).__name__,
         "tailored": str(Path(tailored_dir).resolve()),
-        "checkpoint": None if search else checkpoint,
+        "checkpoint": None if searching else settings.checkpoint,
         "images_source": source,
     }
-    return run_explainer(explainer, records, out, findings=findings, batch_size=batch_size, image_size=image_size,
-                         overwrite=overwrite, progress=progress, run_settings=run_settings)
+    return run_explainer(explainer, records, out, findings=settings.findings, batch_size=settings.batch_size,
+                         image_size=settings.image_size, overwrite=overwrite, progress=progress,
+                         run_settings=run_settings, explain_settings=settings)
 
 
 def read_results(out: str | Path) -> list[dict[str, Any]]:
