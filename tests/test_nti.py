@@ -10,8 +10,8 @@ import torch
 from cyclex.counterfactuals import create_maker
 from cyclex.counterfactuals.diffusion import LatentDiffusion
 from cyclex.counterfactuals.fast_inversion import DirectInversionMaker, NegativePromptInversionMaker
-from cyclex.counterfactuals.inversion_cache import InversionCache, inversion_key
 from cyclex.counterfactuals.inversion import strength_to_start_index
+from cyclex.counterfactuals.inversion_cache import InversionCache, inversion_key
 from cyclex.counterfactuals.nti import NullTextInversionMaker, resolve_null_setting
 from cyclex.demo.tiny_sd import tiny_sd_pipeline
 

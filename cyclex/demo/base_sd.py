@@ -233,10 +233,10 @@ def demo_world_phantoms(name: str, world: str, n: int, seed: int) -> list:
 def build_demo_tailored(name: str, out: str | Path | None = None, config: DemoTailoredConfig | None = None, *,
                         force: bool = False) -> Path:
     """Build (or return the cached) tailored SD of demo generator `name` ("clean" | "shortcut")."""
-    from cyclex.specs.generators import load_generator
     from cyclex.datasets.phantom import write_phantom_folder
     from cyclex.demo.generators import DEMO_GENERATOR_NAMES
     from cyclex.labelers import RuleLabeler
+    from cyclex.specs.generators import load_generator
     from cyclex.tailored_training import (
         TailoredTrainingConfig,
         build_tailored_dataset,

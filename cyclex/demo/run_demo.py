@@ -93,9 +93,9 @@ def run_demo(out: str | Path = "runs/demo", *, n_images: int = 16, steps: int = 
              names: Sequence[str] = ("clean", "shortcut"), progress: bool = True,
              overwrite: bool = False) -> dict[str, Any]:
     """Explain `n_images` held-out phantoms with each demo generator; returns the comparison summary."""
-    from cyclex.specs.generators import load_generator
     from cyclex.cycle.run_folder import RunSettingsChanged, run_explain, write_json_atomic
     from cyclex.datasets.phantom import read_phantom_folder, write_phantom_folder
+    from cyclex.specs.generators import load_generator
 
     started = time.perf_counter()
     out = Path(out)
