@@ -80,8 +80,9 @@ class SearchingMaker(CounterfactualMaker):
         the caller builds it (from text specs: `cyclex.specs.scorers.search_scorer_from_specs`).
     cycle_check: explicit `cycle_check(images, findings) -> bools`; when None, the engine's generator and
         labeler provide it through `bind_cycle` (an explicit one is kept).
-    null_settings / strengths / guidances / required_score / order_by_paper_shares: the search grid
-        and acceptance (`MetricGuidedSearch`); checkpoints default to the keys of `makers`.
+    null_settings / strengths / guidances / required_score / order_by_paper_shares /
+        fit_null_per_guidance: the search grid, its order and acceptance (`MetricGuidedSearch`);
+        checkpoints default to the keys of `makers`.
     log_path: JSONL of every search (one line per request with its attempts); `start_run` sets it to
         RUN/search_attempts.jsonl.
     """
@@ -103,6 +104,7 @@ class SearchingMaker(CounterfactualMaker):
         order_by_paper_shares: bool = True,
         log_path: str | Path | None = None,
         guidance_batch_size: int | None = None,
+        fit_null_per_guidance: bool = False,
     ) -> None:
         if not isinstance(makers, Mapping) or not makers:
             raise ValueError("SearchingMaker needs {checkpoint: maker}, at least one")
@@ -120,6 +122,7 @@ class SearchingMaker(CounterfactualMaker):
             checkpoints=tuple(checkpoints) if checkpoints is not None else tuple(self.makers),
             strengths=strengths, guidances=guidances, required_score=required_score,
             order_by_paper_shares=order_by_paper_shares, log_path=None, guidance_batch_size=guidance_batch_size,
+            fit_null_per_guidance=fit_null_per_guidance,
         )
         self.order_by_paper_shares = bool(order_by_paper_shares)
         self.log_path = Path(log_path) if log_path is not None else None
@@ -166,8 +169,7 @@ class SearchingMaker(CounterfactualMaker):
             if unet_id not in pipes:
                 pipes[unet_id] = load_tailored_pipeline(folder, checkpoint=checkpoint, device=device, dtype=dtype)
             maker = factory(pipes[unet_id], **kwargs)
-            if hasattr(maker, "checkpoint_id"):  # caches key on the UNet, not only the folder
-                maker.checkpoint_id = f"{folder}::{unet_id}"
+            maker.set_checkpoint_id(f"{folder}::{unet_id}")  # caches key on the UNet, not only the folder
             if hasattr(maker, "cache"):
                 maker.cache = cache
             if hasattr(maker, "inversion_guidance") and "inversion_guidance" not in kwargs and len(guidances):
@@ -222,6 +224,7 @@ class SearchingMaker(CounterfactualMaker):
             "required_score": self.search.required_score,
             "order_by_paper_shares": self.order_by_paper_shares,
             "guidance_batch_size": self.search.guidance_batch_size,
+            "fit_null_per_guidance": self.search.fit_null_per_guidance,
         })
 
     def settings(self) -> dict[str, Any]:
