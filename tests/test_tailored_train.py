@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -132,3 +137,77 @@ def test_ema_accumulation_checkpointing_and_image_batches(base, manifest, tmp_pa
     assert float((w_ema - w_start).norm()) < float((w_raw - w_start).norm())
     folder_unet = UNet2DConditionModel.from_pretrained(tmp_path / "out", subfolder="unet")
     assert torch.equal(folder_unet.conv_in.weight, w_ema)
+
+
+# A training run that is killed (SIGKILL, no clean-up runs) inside the checkpoint save of step 6,
+# after the UNet hook wrote unet/ and before accelerate wrote optimizer.bin (issue 18, defect 3).
+KILLED_IN_SAVE = textwrap.dedent("""
+    import dataclasses, json, os, signal, sys
+    import accelerate.accelerator
+    from cyclex.tailored_training import TailoredTrainingConfig, train_tailored
+
+    real_save = accelerate.accelerator.save_accelerator_state
+
+    def save_then_die_at_step_6(output_dir, *args, **kwargs):
+        if output_dir.rstrip("/").split("checkpoint-")[-1].startswith("000006"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(output_dir, *args, **kwargs)
+
+    accelerate.accelerator.save_accelerator_state = save_then_die_at_step_6
+    manifest, base, out, config = sys.argv[1:5]
+    train_tailored(manifest, base, out, TailoredTrainingConfig(**json.loads(config)))
+""")
+
+
+def _unet_state(checkpoint) -> dict[str, torch.Tensor]:
+    from diffusers import UNet2DConditionModel
+
+    return _state(UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet"))
+
+
+def test_a_kill_inside_a_checkpoint_save_does_not_block_resume(base, manifest, tmp_path, caplog):
+    cfg = dataclasses.replace(CONFIG, max_train_steps=7, checkpointing_steps=3, checkpoints_total_limit=1)
+    reference = tmp_path / "reference"
+    train_tailored(manifest, base, reference, cfg)
+    uninterrupted = _unet_state(reference / "checkpoints" / "checkpoint-000007")
+
+    out = tmp_path / "killed"
+    child = subprocess.run([sys.executable, "-c", KILLED_IN_SAVE, str(manifest), str(base), str(out),
+                            json.dumps(dataclasses.asdict(cfg))], capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    checkpoints = out / "checkpoints"
+    # the half-saved step 6 is not visible as a checkpoint, and step 3 was not pruned for it
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-000003", "checkpoint-000006.partial"]
+    assert (checkpoints / "checkpoint-000006.partial" / "unet").is_dir()
+    assert not (checkpoints / "checkpoint-000006.partial" / "optimizer.bin").exists()
+
+    with caplog.at_level(logging.WARNING, logger="cyclex.tailored_training.train"):
+        result = train_tailored(manifest, base, out, cfg)
+    assert "checkpoint-000006.partial" in caplog.text and result.global_step == 7
+    assert result.checkpoints == ["checkpoints/checkpoint-000006", "checkpoints/checkpoint-000007"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-000007"]
+    resumed = _unet_state(checkpoints / "checkpoint-000007")
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)
+
+
+def test_an_incomplete_checkpoint_of_an_earlier_cyclex_is_skipped_with_a_warning(base, manifest, tmp_path, caplog):
+    cfg = dataclasses.replace(CONFIG, max_train_steps=7, checkpointing_steps=3)
+    out = tmp_path / "run"
+    train_tailored(manifest, base, out, cfg)
+    uninterrupted = _unet_state(out / "checkpoints" / "checkpoint-000007")
+    # as a kill inside save_state left step 6 before checkpoints were renamed into place
+    shutil.rmtree(out / "checkpoints" / "checkpoint-000007")
+    (out / "checkpoints" / "checkpoint-000006" / "optimizer.bin").unlink()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-000006 is incomplete \(missing optimizer.bin"):
+        train_tailored(manifest, base, out, dataclasses.replace(cfg, resume_from_checkpoint="checkpoint-000006"))
+
+    with caplog.at_level(logging.WARNING, logger="cyclex.tailored_training.train"):
+        result = train_tailored(manifest, base, out, cfg)
+    assert "skipping incomplete checkpoint" in caplog.text and "optimizer.bin" in caplog.text
+    assert result.global_step == 7 and result.checkpoints == ["checkpoints/checkpoint-000006",
+                                                              "checkpoints/checkpoint-000007"]
+    assert (out / "checkpoints" / "checkpoint-000006" / "optimizer.bin").is_file()  # saved again, whole
+    resumed = _unet_state(out / "checkpoints" / "checkpoint-000007")
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)

@@ -16,6 +16,13 @@ Exact resume: model, optimizer, lr scheduler and RNG states are restored by `acc
 the data order of every epoch is a fixed function of (seed, epoch); the noise, timesteps and prompt
 dropout of every batch come from a generator seeded by (seed, epoch, batch index, process index);
 the batches already seen in the resumed epoch are skipped with `accelerator.skip_first_batches`.
+
+Kill-safe checkpoints: a checkpoint is written to `checkpoint-NNNNNN.partial/` and renamed to
+`checkpoint-NNNNNN/` once every process has saved its part, so a kill mid-save never leaves a
+half-written folder under a checkpoint's name; the next run removes the `.partial` folder. A
+checkpoint folder that still lacks a part (left by a cyclex before this rule) is skipped with a
+warning, and the run resumes from the latest complete one. Old checkpoints beyond
+`checkpoints_total_limit` are deleted after a save succeeded, never before.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cyclex.atomic_io import remove_stale_temp_files
 from cyclex.tailored_training.config import TailoredTrainingConfig, write_json_atomic
 from cyclex.tailored_training.dataset import TailoredImageDataset, read_manifest
 
@@ -45,6 +53,12 @@ BASE_PARTS = {  # subfolder -> a file that must be in it
 }
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
+PARTIAL_SUFFIX = ".partial"  # a checkpoint being written (or whose save was killed)
+REPLACED_SUFFIX = ".replaced"  # a checkpoint of the same step moved aside while the new one takes its name
+# What a finished checkpoint holds (accelerate's save_state plus our UNet hook): model, optimizer,
+# lr scheduler and the main process's RNG state; UNet weights are safetensors or (older) .bin.
+CHECKPOINT_FILES = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "unet/config.json")
+UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 class BaseModelError(ValueError):
@@ -198,26 +212,67 @@ def split_validation(rows: list[dict], config: TailoredTrainingConfig) -> tuple[
     return [r for i, r in enumerate(rows) if i not in val_idx], [r for i, r in enumerate(rows) if i in val_idx]
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """checkpoints/checkpoint-NNNNNN folders, oldest (smallest step) first."""
+def _numbered_checkpoints(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+    found = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(CHECKPOINT_PREFIX)
              and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def missing_checkpoint_parts(path: str | Path) -> list[str]:
+    """The parts a checkpoint folder lacks (empty: complete), e.g. ["optimizer.bin"] after a killed save."""
+    path = Path(path)
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    for unet in ("unet", "unet_train"):  # unet_train: the raw weights of an EMA run
+        if (unet == "unet" or (path / unet).exists()) and not any((path / unet / w).is_file() for w in UNET_WEIGHTS):
+            missing.append(f"{unet}/{UNET_WEIGHTS[0]}")
+    return missing
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints/checkpoint-NNNNNN folders, oldest (smallest step) first.
+
+    Incomplete ones (a save killed before this cyclex wrote checkpoints under a temporary name) are
+    left out with a warning naming what they lack.
+    """
+    complete = []
+    for path in _numbered_checkpoints(output_dir):
+        missing = missing_checkpoint_parts(path)
+        if missing:
+            logger.warning("skipping incomplete checkpoint %s (missing %s: its save was interrupted)", path,
+                           ", ".join(missing))
+        else:
+            complete.append(path)
+    return complete
 
 
 def checkpoint_step(path: Path) -> int:
     return int(Path(path).name[len(CHECKPOINT_PREFIX):])
 
 
+def _remove_partial_checkpoints(output_dir: Path) -> None:
+    """Delete what killed saves left (main process, before training): `checkpoint-NNNNNN.partial` and
+    `.replaced` folders. A .partial folder may look whole, but a file in it may be cut short: not trusted."""
+    root = output_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        suffix = next((x for x in (PARTIAL_SUFFIX, REPLACED_SUFFIX) if path.name.endswith(x)), None)
+        if (suffix is None or not path.name.startswith(CHECKPOINT_PREFIX) or path.is_symlink() or not path.is_dir()
+                or not path.name[len(CHECKPOINT_PREFIX):-len(suffix)].isdigit()):
+            continue
+        logger.warning("removing %s, left by a checkpoint save that was interrupted", path)
+        shutil.rmtree(path)
+
+
 def _prune_checkpoints(output_dir: Path, keep: int | None) -> None:
-    """Delete the oldest checkpoints so that, after one more save, at most `keep` remain."""
+    """Delete the oldest complete checkpoints so that at most `keep` remain (called after a save)."""
     if keep is None:
         return
     existing = list_checkpoints(output_dir)
-    for old in existing[: max(0, len(existing) - keep + 1)]:
+    for old in existing[: max(0, len(existing) - keep)]:
         logger.info("removing old checkpoint %s (checkpoints_total_limit=%d)", old, keep)
         shutil.rmtree(old)
 
@@ -233,6 +288,10 @@ def _resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
         path = output_dir / CHECKPOINTS_DIR / resume
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {resume!r} not found (looked in {output_dir / CHECKPOINTS_DIR})")
+    missing = missing_checkpoint_parts(path)
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}: its save was "
+                                "interrupted); resume from another one, or from 'latest' to take the newest complete one")
     return path
 
 
@@ -285,6 +344,9 @@ def train_tailored(
     )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        # what a killed earlier run left: half-saved checkpoints and temporary files of atomic writes
+        _remove_partial_checkpoints(output_dir)
+        remove_stale_temp_files(output_dir, recursive=False)
         cfg.save(output_dir / "training_config.json")
 
     # 2. Data: manifest rows, seeded validation split.
@@ -479,11 +541,25 @@ def _validation_loss(unet, text_encoder, noise_scheduler, val_batch, cfg, accele
 
 
 def _save_checkpoint(accelerator, output_dir: Path, step: int, cfg: TailoredTrainingConfig) -> str:
+    """Save the training state as checkpoints/checkpoint-NNNNNN, written under a temporary name first."""
     path = output_dir / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{step:06d}"
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)  # an earlier attempt at this step, killed mid-save
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()  # every process has written its part (its RNG state at least)
     if accelerator.is_main_process:
+        if path.exists():  # the same step saved before (an explicit earlier resume), or a legacy partial one
+            replaced = path.with_name(path.name + REPLACED_SUFFIX)
+            shutil.rmtree(replaced, ignore_errors=True)
+            path.rename(replaced)
+            partial.rename(path)
+            shutil.rmtree(replaced)
+        else:
+            partial.rename(path)
         _prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
     logger.info("saved checkpoint %s", path)
     return str(path.relative_to(output_dir))
 
