@@ -22,9 +22,11 @@ import shutil
 import time
 from pathlib import Path
 
+from cyclex.datasets.seed_registry import DEMO_GUIDANCE_VALIDATION
+
 RESULTS = Path(__file__).parent / "results" / "demo_guidance.json"
 WORK = Path(__file__).parent / ".work" / "demo_guidance"
-VALIDATION_SEED = 7_200
+VALIDATION_SEED = DEMO_GUIDANCE_VALIDATION.set_seed  # cyclex.datasets.seed_registry
 GUIDANCES = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5)
 
 

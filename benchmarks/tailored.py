@@ -34,11 +34,12 @@ def _write_phantom_manifest(folder: Path, n: int) -> Path:
     from PIL import Image
 
     from cyclex.datasets.phantom import make_phantoms
+    from cyclex.datasets.seed_registry import TAILORED_BENCHMARK_THROUGHPUT
 
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "manifest.jsonl"
     with manifest.open("w") as handle:
-        for i, phantom in enumerate(make_phantoms(n, seed=99)):
+        for i, phantom in enumerate(make_phantoms(n, seed=TAILORED_BENCHMARK_THROUGHPUT.set_seed)):
             path = folder / f"{phantom.id}.png"
             Image.fromarray((phantom.image * 255).round().astype(np.uint8)).save(path)
             handle.write(json.dumps({"id": phantom.id, "image": str(path), "prompt": PROMPTS[i % len(PROMPTS)]}) + "\n")
@@ -115,6 +116,7 @@ def cyclex_loop(manifest: Path, base: Path, out: Path, steps: int, batch_size: i
 
 
 def reconstruction_psnr(n_heldout: int) -> dict[str, float]:
+    from cyclex.datasets.seed_registry import TAILORED_BENCHMARK_QUERIES
     from cyclex.demo.base_sd import build_demo_tailored, heldout_reconstruction_psnr
     from cyclex.demo.generators import DemoGeneratorConfig, make_training_phantoms
     from cyclex.specs.generators import load_generator
@@ -122,7 +124,8 @@ def reconstruction_psnr(n_heldout: int) -> dict[str, float]:
     values = {}
     for name in ("clean", "shortcut"):
         folder = build_demo_tailored(name)
-        phantoms = make_training_phantoms(DemoGeneratorConfig(name=name), n_heldout, seed=777)
+        phantoms = make_training_phantoms(DemoGeneratorConfig(name=name), n_heldout,
+                                          seed=TAILORED_BENCHMARK_QUERIES.set_seed)
         values[name] = round(heldout_reconstruction_psnr(folder, load_generator(f"demo:{name}"), phantoms), 2)
     return values
 

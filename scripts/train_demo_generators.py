@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from cyclex.datasets.seed_registry import DEMO_GENERATORS_TRAINING
 from cyclex.demo.generators import (
     DEMO_GENERATOR_NAMES,
     METADATA_FILE,
@@ -31,7 +32,8 @@ def main() -> None:
     parser.add_argument("--names", nargs="+", default=list(DEMO_GENERATOR_NAMES), choices=DEMO_GENERATOR_NAMES)
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=DEMO_GENERATORS_TRAINING.set_seed,
+                        help="phantom set seed (the seed registry's demo_generators_training)")
     parser.add_argument("--threads", type=int, default=DemoGeneratorConfig.threads,
                         help="torch CPU threads (1 is faster on a machine shared with other jobs)")
     args = parser.parse_args()

@@ -32,6 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cyclex.datasets.seed_registry import (
+    DEMO_VAE_HELDOUT,
+    DEMO_VAE_TRAINING,
+    TAILORED_SD_HELDOUT,
+    TAILORED_SD_TRAINING,
+)
 from cyclex.demo.cache import demo_cache_dir
 from cyclex.demo.tiny_sd import TinySDConfig
 from cyclex.tailored_training.config import write_json_atomic
@@ -65,14 +71,16 @@ class DemoBaseSDConfig:
 
     sd: TinySDConfig = field(default_factory=lambda: TinySDConfig(
         vae_block_out_channels=(16, 32, 32), text_layers=0, text_position_embeddings=False))
-    n_phantoms: int = 320  # half clean world, half shortcut world (the VAE must draw the marker too)
-    n_heldout: int = 32
+    n_phantoms: int = 2 * DEMO_VAE_TRAINING.n  # half clean world, half shortcut world (the VAE must draw the marker too)
+    n_heldout: int = 2 * DEMO_VAE_HELDOUT.n
     vae_steps: int = 2500
     vae_batch_size: int = 8
     vae_learning_rate: float = 2e-3
     kl_weight: float = 1e-6  # LDM's KL-f weight: latents stay near N(0, I) without blurring
     time_budget_s: float = 300.0  # the VAE loop stops early past this wall time (a CPU build budget)
-    seed: int = 0
+    seed: int = 0  # torch seed
+    phantom_seed: int = DEMO_VAE_TRAINING.set_seed  # training phantoms' set seed (the seed registry)
+    heldout_phantom_seed: int = DEMO_VAE_HELDOUT.set_seed  # held-out PSNR phantoms' set seed
     threads: int = 2
 
 
@@ -154,8 +162,8 @@ def build_demo_base_sd(out: str | Path | None = None, config: DemoBaseSDConfig |
         started = time.perf_counter()
         parts = tiny_sd_components(cfg.sd)
         size = cfg.sd.sample_size
-        train = torch.from_numpy(_phantom_images(cfg.n_phantoms, cfg.seed, size))[:, None]
-        heldout = torch.from_numpy(_phantom_images(cfg.n_heldout, cfg.seed + 1000, size))[:, None]
+        train = torch.from_numpy(_phantom_images(cfg.n_phantoms, cfg.phantom_seed, size))[:, None]
+        heldout = torch.from_numpy(_phantom_images(cfg.n_heldout, cfg.heldout_phantom_seed, size))[:, None]
         data_seconds = time.perf_counter() - started
         torch.manual_seed(cfg.seed)
         stats = train_phantom_vae(parts["vae"], train, steps=cfg.vae_steps, batch_size=cfg.vae_batch_size,
@@ -204,8 +212,8 @@ class DemoTailoredConfig:
     the exact counterfactual scores 0.93).
     """
 
-    n_images: int = 2000
-    n_heldout: int = 16
+    n_images: int = TAILORED_SD_TRAINING.n
+    n_heldout: int = TAILORED_SD_HELDOUT.n
     max_train_steps: int = 5000
     train_batch_size: int = 16
     learning_rate: float = 1e-3  # a from-scratch tiny UNet learns faster than the paper's fine-tuning rate
@@ -213,7 +221,9 @@ class DemoTailoredConfig:
     validation_images: int = 16
     num_inversion_steps: int = 50
     world: str = "audit"  # "audit": the demo's query distribution; "generator": the generator's training world
-    seed: int = 0
+    seed: int = 0  # torch seed
+    phantom_seed: int = TAILORED_SD_TRAINING.set_seed  # training phantoms' set seed (the seed registry)
+    heldout_phantom_seed: int = TAILORED_SD_HELDOUT.set_seed  # held-out PSNR phantoms' set seed
     threads: int = 1  # measured: two 1-thread builds side by side run ~94 images/s each on 2 cores
 
 
@@ -261,9 +271,9 @@ def build_demo_tailored(name: str, out: str | Path | None = None, config: DemoTa
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         # 1. The generator's world: training phantoms and held-out ones (another seed).
-        phantom_dir = write_phantom_folder(demo_world_phantoms(name, cfg.world, cfg.n_images, cfg.seed + 17),
+        phantom_dir = write_phantom_folder(demo_world_phantoms(name, cfg.world, cfg.n_images, cfg.phantom_seed),
                                            out / "phantoms")
-        heldout = demo_world_phantoms(name, cfg.world, cfg.n_heldout, cfg.seed + 4242)
+        heldout = demo_world_phantoms(name, cfg.world, cfg.n_heldout, cfg.heldout_phantom_seed)
         # 2. The tailored data set from the generator's own reports.
         spec = f"demo:{name}"
         generator = load_generator(spec)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from cyclex.datasets.seed_registry import CF_THRESHOLD_CALIBRATION
 from cyclex.explain.cf_threshold_calibration import (
     calibrate_cf_thresholds,
     load_cf_thresholds,
@@ -38,8 +39,10 @@ from cyclex.explain.scores import CFThresholds, CounterfactualScorer
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_SEED = 7_000
+CALIBRATION_SEED = CF_THRESHOLD_CALIBRATION.set_seed
 CALIBRATION_PAIRS = 64
+# phantoms drawn at most per pair asked for (those without a finding are skipped); the registry reserves them all
+CALIBRATION_DRAWS_PER_PAIR = CF_THRESHOLD_CALIBRATION.n // CALIBRATION_PAIRS
 COVERAGE = 0.9
 THRESHOLDS_NAME = "cf_thresholds.json"
 CALIBRATION_VERSION = 2
@@ -88,7 +91,7 @@ def calibration_values(scorer: CounterfactualScorer, n_pairs: int = CALIBRATION_
     values: dict[str, list[float]] = {}
     seeds: list[int] = []
     i = 0
-    while len(seeds) < n_pairs and i < 50 * n_pairs:
+    while len(seeds) < n_pairs and i < CALIBRATION_DRAWS_PER_PAIR * n_pairs:
         s = phantom_seed(seed, i)
         i += 1
         phantom = make_phantom(s)

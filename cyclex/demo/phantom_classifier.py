@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cyclex.atomic_io import write_text_atomic as _atomic_write_text
+from cyclex.datasets.seed_registry import PHANTOM_CLASSIFIER_TRAINING, PHANTOM_CLASSIFIER_VALIDATION
 from cyclex.explain.faithfulness import as_image_batch
 from cyclex.findings import ABNORMALITIES
 
@@ -157,11 +158,16 @@ def _phantom_arrays(n: int, seed: int, class_names: tuple[str, ...]) -> tuple[to
     return images.clamp(0, 1), targets
 
 
-def train_phantom_classifier(out_dir: str | os.PathLike | None = None, n_train: int = 1600, n_val: int = 300,
-                             steps: int = 600, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-                             config: PhantomClassifierConfig | None = None) -> PhantomClassifier:
-    """Train on phantoms (seed `seed` for training, `seed + 1` for validation), save to `out_dir`
-    (default `phantom_classifier_dir()`), write validation AUROC per finding into metrics.json."""
+def train_phantom_classifier(out_dir: str | os.PathLike | None = None, n_train: int = PHANTOM_CLASSIFIER_TRAINING.n,
+                             n_val: int = PHANTOM_CLASSIFIER_VALIDATION.n, steps: int = 600, batch_size: int = 32,
+                             lr: float = 2e-3, seed: int = PHANTOM_CLASSIFIER_TRAINING.set_seed,
+                             config: PhantomClassifierConfig | None = None,
+                             val_seed: int = PHANTOM_CLASSIFIER_VALIDATION.set_seed) -> PhantomClassifier:
+    """Train on phantoms (set seed `seed`, also the torch seed), validate on set `val_seed` (both from
+    `cyclex.datasets.seed_registry`), save to `out_dir` (default `phantom_classifier_dir()`), write
+    validation AUROC per finding into metrics.json."""
+    if val_seed == seed:
+        raise ValueError(f"train_phantom_classifier: val_seed {val_seed} equals the training set seed")
     from sklearn.metrics import roc_auc_score
 
     config = config or PhantomClassifierConfig()
@@ -169,7 +175,7 @@ def train_phantom_classifier(out_dir: str | os.PathLike | None = None, n_train: 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     train_x, train_y = _phantom_arrays(n_train, seed, config.class_names)
-    val_x, val_y = _phantom_arrays(n_val, seed + 1_000_003, config.class_names)
+    val_x, val_y = _phantom_arrays(n_val, val_seed, config.class_names)
     net = PhantomClassifierNet(config)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
@@ -195,7 +201,7 @@ def train_phantom_classifier(out_dir: str | os.PathLike | None = None, n_train: 
         labels = val_y[:, k].numpy()
         aurocs[name] = float(roc_auc_score(labels, val_logits[:, k].numpy())) if 0 < labels.sum() < len(labels) else None
     classifier.save_pretrained(out_dir)
-    metrics = {"val_auroc": aurocs, "n_train": n_train, "n_val": n_val, "steps": steps, "seed": seed,
+    metrics = {"val_auroc": aurocs, "n_train": n_train, "n_val": n_val, "steps": steps, "seed": seed, "val_seed": val_seed,
                "final_train_loss": loss.item()}
     _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     logger.info("phantom classifier saved to %s; val AUROC %s", out_dir, aurocs)

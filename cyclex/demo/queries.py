@@ -6,7 +6,9 @@ distribution) and the demo runner import it without importing each other.
 
 from __future__ import annotations
 
-DEMO_QUERY_SEED = 9_001  # held out: the demo generators and tailored SDs never train on this set
+from cyclex.datasets.seed_registry import DEMO_QUERIES
+
+DEMO_QUERY_SEED = DEMO_QUERIES.set_seed  # held out (cyclex.datasets.seed_registry)
 DEMO_MARKER_RATE = 0.5
 
 
