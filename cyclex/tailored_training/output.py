@@ -9,7 +9,8 @@ Layout::
       selection.json           {"best_psnr": "checkpoints/checkpoint-000400", "best_l1", "best_l2", "final", "metrics"}
       training_config.json     TailoredTrainingConfig
       split.json               train / validation ids
-      checkpoints/checkpoint-NNNNNN/unet/   every kept checkpoint's UNet (plus accelerate's resume state)
+      checkpoints/checkpoint-NNNNNN/unet/   every kept checkpoint's UNet (plus accelerate's resume state);
+                               a save in progress is checkpoint-NNNNNN.partial/, renamed when complete
 """
 
 from __future__ import annotations
