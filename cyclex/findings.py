@@ -241,3 +241,10 @@ class StructuredPrompt:
             f"prompt {text!r} follows neither template: expected {_CVLM_PREFIX!r}..., {_CVLM_EMPTY!r}, "
             f"{_PRISM_PREFIX!r}... or {_PRISM_EMPTY!r}"
         )
+
+
+def removed_findings(source_prompt: str, target_prompt: str) -> tuple[str, ...]:
+    """The findings the target prompt drops from the source prompt (both parsed by `StructuredPrompt.parse`)."""
+    source = StructuredPrompt.parse(source_prompt).findings
+    target = set(StructuredPrompt.parse(target_prompt).findings)
+    return tuple(f for f in source if f not in target)

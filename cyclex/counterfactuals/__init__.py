@@ -3,7 +3,7 @@
 The layer between the metric core (`cyclex.explain`) and the cyclic engine (`cyclex.cycle`):
 makers take their models (and, for the search, their scorer) as arguments and never look anything
 up by name. `inversion.py` is the shared DDIM inversion-and-sampling base; `ddim.py`, `nti.py` and
-`fast_inversion.py` are variants of it; `search_maker.py` wraps them in seed 000's search.
+`fast_inversion.py` and `rse.py` (region-specific editing) are variants of it; `search_maker.py` wraps them in seed 000's search.
 
 The registry is one static table, `BUILTIN_MAKERS` (variant name -> factory), plus the
 `cyclex.makers` entry points of installed packages and whatever `register_maker` adds at run time.
@@ -48,11 +48,18 @@ def _direct(pipe, **settings) -> CounterfactualMaker:
     return DirectInversionMaker(pipe, **settings)
 
 
+def _rse(pipe, **settings) -> CounterfactualMaker:
+    from cyclex.counterfactuals.rse import RegionSpecificEditMaker
+
+    return RegionSpecificEditMaker(pipe, **settings)
+
+
 BUILTIN_MAKERS: dict[str, MakerFactory] = {
     "ddim": _ddim,
     "nti": _nti,
     "negative-prompt": _negative_prompt,
     "direct": _direct,
+    "rse": _rse,
 }
 
 _REGISTERED: dict[str, MakerFactory] = {}  # register_maker's additions (win over built-ins and plugins)

@@ -13,7 +13,10 @@ overrides one method of its base class:
 - `_uncond_steps(inversion) -> (T, B, L, D)`: the unconditional embedding at each sampling step;
   default the empty prompt's;
 - `_step_offsets(inversion, rows, guidance) -> offset(i) | None`: a latent added after each step;
-- `inversion_settings()`: what the cache key records about the inversion (add your fitted settings).
+- `inversion_settings()`: what the cache key records about the inversion (add your fitted settings);
+- `_edit_region(images, inversion, source_prompts, target_prompts, masks, seed) -> (masks, extras)`:
+  where the edit may act (default: the caller's `masks`, or everywhere); region-specific editing
+  computes its guidance map here.
 
 Masks mean the same in every maker (`CounterfactualMaker.make`): the edit is confined to the mask;
 outside it the latent is reset to the query's pivot at every step and the query's pixels are pasted
@@ -211,6 +214,13 @@ class InvertThenEditMaker(CounterfactualMaker):
     def _step_offsets(self, inv: Inversion, rows: torch.Tensor, guidance: torch.Tensor) -> Callable[[int], torch.Tensor] | None:
         return None
 
+    def _edit_region(
+        self, images: torch.Tensor, inversion: Inversion, source_prompts: Sequence[str],
+        target_prompts: Sequence[str], masks: torch.Tensor | None, seed: int,
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(masks (B, 1, H', W') in {0, 1} or None for everywhere, extra maps (B, ...)) of this request."""
+        return masks, {}
+
     # -- inversion -----------------------------------------------------------------------------
     @torch.no_grad()
     def invert(self, images: torch.Tensor, source_prompts: Sequence[str]) -> Inversion:
@@ -283,10 +293,28 @@ class InvertThenEditMaker(CounterfactualMaker):
 
         H, W = output_size, or the model's image size.
         strength delta starts at step round((1 - delta) T) on the same pivot trajectory; masks
-        (B, 1, H, W) in {0, 1} keep the latent outside the mask on the pivot: after step i the sample
-        sits at timesteps[i + 1], so it is reset to the pivot latent of that noise level (z*_0 after
-        the last step), as diffusers' inpainting pipeline does.
+        (B, 1, H, W) in {0, 1} (any H, W: area-resized to the latent grid, > 0 counts as inside) keep
+        the latent outside the mask on the pivot: after step i the sample sits at timesteps[i + 1], so
+        it is reset to the pivot latent of that noise level (z*_0 after the last step), as diffusers'
+        inpainting pipeline does.
         """
+        b = inversion.batch_size
+        z0 = self.edit_latents(inversion, target_prompts, guidances, strength, masks)
+        images = self.ld.decode_latents(z0).float()
+        if output_size is not None:
+            images = resize_images(images, tuple(output_size))
+        return images.reshape(b, -1, *images.shape[1:])
+
+    @torch.no_grad()
+    def edit_latents(
+        self,
+        inversion: Inversion,
+        target_prompts: Sequence[str],
+        guidances: Sequence[float] | None = None,
+        strength: float | None = None,
+        masks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`edit` before decoding: z_0 (B * G, C, h, w), row r = item r // G, guidance r % G."""
         b = inversion.batch_size
         if len(target_prompts) != b:
             raise ValueError(f"need {b} target prompts (one per inverted image), got {len(target_prompts)}")
@@ -304,15 +332,10 @@ class InvertThenEditMaker(CounterfactualMaker):
         offsets = self._step_offsets(inversion, rows, guidance)
         keep = self._keep_outside(inversion, rows, masks) if masks is not None else None
         if self.attention_control is None:
-            z0 = guided_ddim_loop(self.ld, z_start, cond_target, uncond, guidance, start, offsets, keep)
-        else:
-            z0 = self._edit_with_attention_control(
-                inversion, target_prompts, rows, z_start, cond_target, uncond, guidance, start, offsets, keep
-            )
-        images = self.ld.decode_latents(z0).float()
-        if output_size is not None:
-            images = resize_images(images, tuple(output_size))
-        return images.reshape(b, g, *images.shape[1:])
+            return guided_ddim_loop(self.ld, z_start, cond_target, uncond, guidance, start, offsets, keep)
+        return self._edit_with_attention_control(
+            inversion, target_prompts, rows, z_start, cond_target, uncond, guidance, start, offsets, keep
+        )
 
     def _keep_outside(self, inv: Inversion, rows: torch.Tensor, masks: torch.Tensor):
         self.check_masks(masks, inv.batch_size)
@@ -380,11 +403,17 @@ class InvertThenEditMaker(CounterfactualMaker):
         torch.manual_seed(seed)  # eta = 0 is deterministic; fixed anyway for any stochastic module
         # 2. Invert (cached; each unique image + source prompt once)
         inversion = self.invert(images, source_prompts)
-        # 3. Sample every request in one batch with the target prompts, back at the query's size
-        cf = self.edit(inversion, target_prompts, masks=masks, output_size=tuple(images.shape[-2:]))[:, 0].cpu().float()
-        # 4. Keep the query's pixels outside the mask
-        if masks is not None and self.paste_query_outside_mask:
-            m = masks.to(cf).clamp(0, 1)
+        # 3. Where the edit may act (the caller's masks; region-specific editing computes its own)
+        region, extras = self._edit_region(images, inversion, source_prompts, target_prompts, masks, seed)
+        # 4. Sample every request in one batch with the target prompts, back at the query's size
+        query_size = tuple(images.shape[-2:])
+        cf = self.edit(inversion, target_prompts, masks=region, output_size=query_size)[:, 0].cpu().float()
+        # 5. Keep the query's pixels outside the mask
+        if region is not None and self.paste_query_outside_mask:
+            m = region.float().cpu()
+            if tuple(m.shape[-2:]) != query_size:
+                m = F.interpolate(m, size=query_size, mode="nearest")
+            m = m.clamp(0, 1)
             cf = m * cf + (1 - m) * images.to(cf)
         b = images.shape[0]
         calls = self.ld.unet_calls - start_calls
@@ -404,7 +433,7 @@ class InvertThenEditMaker(CounterfactualMaker):
             }
             for cached in inversion.from_cache
         ]
-        extras = {}
+        extras = dict(extras)
         if inversion.null_loss is not None:
             extras["null_text_loss"] = inversion.null_loss.transpose(0, 1).float().cpu()  # (B, T)
         logger.debug("%s maker: %d requests, %d UNet evaluations, %.2fs", self.name, b, calls, seconds)

@@ -15,7 +15,9 @@ Layout::
                              frame.png (contours on the query), frame_mask.png (the frame's
                              K components, 0/255), signed.npy / positive.npy (float32
                              maps), mask.png (ground-truth mask, when the input had one),
-                             shortcut_mask.png (phantoms with the spurious marker)
+                             shortcut_mask.png (phantoms with the spurious marker),
+                             NAME.npy per extra map of the maker (RSE: guidance_map, edit_mask)
+                             and NAME.png for those over the image
       records/IMAGE/FINDING.json   the finished item's result line
       records/IMAGE/_complete.json the image is done (its finished findings listed)
 
@@ -199,6 +201,10 @@ def _write_item(out: Path, record: Mapping[str, Any], result: CycleResult, setti
         key = f"{safe_name(name)}_npy"
         files[key] = rel / f"{safe_name(name)}.npy"
         write_npy_atomic(out / files[key], array)
+        picture = np.squeeze(array)
+        if picture.shape == result.query.shape:  # a map over the image (RSE's guidance map): drawn like the difference
+            files[safe_name(name)] = rel / f"{safe_name(name)}.png"
+            write_png_atomic(out / files[safe_name(name)], show_map_on_image(result.query, normalize_map(picture)))
     masks = record.get("masks") or {}
     mask_source = masks.get(result.finding)
     line = result.to_record()
