@@ -49,6 +49,9 @@ __all__ = [
     "TAILORED_SD_TRAINING",
     "TAILORED_SD_HELDOUT",
     "CF_THRESHOLD_CALIBRATION",
+    "ANATOMICAL_PRIOR_FITTING",
+    "ANATOMICAL_PRIOR_CHECK",
+    "RSE_BENCHMARK_QUERIES",
     "DEMO_GUIDANCE_VALIDATION",
     "CYCLE_BENCHMARK_DEVELOPMENT",
     "DEMO_QUERIES",
@@ -133,8 +136,14 @@ TAILORED_SD_TRAINING = SeedUse(
 CF_THRESHOLD_CALIBRATION = SeedUse(
     "cf_threshold_calibration", TRAINING, (7_000,), 3200, "cyclex.demo.cf_thresholds.calibration_values",
     "the demo CF_Score thresholds: the first 64 phantoms with a finding, at most 50 x 64 drawn")
+ANATOMICAL_PRIOR_FITTING = SeedUse(
+    "anatomical_prior_fitting", TRAINING, (424_242,), 600, "cyclex.explain.anatomical_priors (FINDING_PRIORS)",
+    "the anatomical prior rectangles of region-specific editing were read off these phantoms' true masks")
 
 # --- validation: settings chosen, builds measured, retired benchmark sets ----------------------------------
+ANATOMICAL_PRIOR_CHECK = SeedUse(
+    "anatomical_prior_check", VALIDATION, (515_151,), 150, "tests/test_anatomical_priors.py",
+    "the test that true finding masks lie inside their anatomical prior")
 PHANTOM_CLASSIFIER_VALIDATION = SeedUse(
     "phantom_classifier_validation", VALIDATION, (1_000_003,), 300,
     "cyclex.demo.phantom_classifier.train_phantom_classifier", "the classifier's validation AUROC (metrics.json)")
@@ -169,14 +178,17 @@ TAILORED_BENCHMARK_QUERIES = SeedUse(
 TAILORED_BENCHMARK_THROUGHPUT = SeedUse(
     "tailored_benchmark_throughput", QUERY, (99,), None, "benchmarks/tailored.py",
     "throwaway UNets trained only to time the training loop (tailored.json); nothing shipped learns from them")
+RSE_BENCHMARK_QUERIES = SeedUse(
+    "rse_benchmark_queries", QUERY, (7_600,), None, "benchmarks/rse.py",
+    "region-specific editing against plain DDIM (rse.json)")
 
 SEED_USES: tuple[SeedUse, ...] = (
     DEMO_GENERATORS_TRAINING, PHANTOM_CLASSIFIER_TRAINING, DEMO_VAE_TRAINING, TAILORED_SD_TRAINING,
-    CF_THRESHOLD_CALIBRATION,
-    PHANTOM_CLASSIFIER_VALIDATION, DEMO_VAE_HELDOUT, TAILORED_SD_HELDOUT, DEMO_GUIDANCE_VALIDATION,
+    CF_THRESHOLD_CALIBRATION, ANATOMICAL_PRIOR_FITTING,
+    PHANTOM_CLASSIFIER_VALIDATION, ANATOMICAL_PRIOR_CHECK, DEMO_VAE_HELDOUT, TAILORED_SD_HELDOUT, DEMO_GUIDANCE_VALIDATION,
     CYCLE_BENCHMARK_DEVELOPMENT,
     DEMO_QUERIES, CYCLE_BENCHMARK_QUERIES, SEARCH_BENCHMARK_QUERIES, GENERATORS_BENCHMARK_QUERIES,
-    TAILORED_BENCHMARK_QUERIES, TAILORED_BENCHMARK_THROUGHPUT,
+    TAILORED_BENCHMARK_QUERIES, TAILORED_BENCHMARK_THROUGHPUT, RSE_BENCHMARK_QUERIES,
 )
 
 

@@ -37,7 +37,7 @@ FINDING_PRIORS: dict[str, tuple[float, float, float, float]] = {
     "Pleural Other": _LUNG_FIELDS,
     "Fracture": (-0.2, 1.2, 0.05, 1.05),
 }
-PRIOR_FITTING_SEED = 424_242  # phantom set seed the rectangles were read from (see the seed registry)
+PRIOR_FITTING_SEED = 424_242  # the seed registry's ANATOMICAL_PRIOR_FITTING set
 
 
 def anatomical_prior(finding: str, shape: Sequence[int], chest_box: Sequence[int] | None) -> np.ndarray:
