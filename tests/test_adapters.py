@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +104,84 @@ def test_hf_vision_encoder_decoder_matches_direct_generate(tiny_ved_folder):
     # multi-view studies: the first view is used
     studies = torch.stack([images, torch.zeros_like(images)], dim=1)
     assert generator.generate(studies) == reports
+
+
+@pytest.fixture(scope="module")
+def beam_ved_folder(tmp_path_factory, tiny_ved_folder):
+    """The tiny captioner (16 decoder positions) whose generation_config.json asks for 2 beams, 12 tokens."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    folder = tmp_path_factory.mktemp("beam_ved")
+    shutil.copytree(tiny_ved_folder, folder, dirs_exist_ok=True)
+    config = GenerationConfig.from_pretrained(folder)
+    config.num_beams, config.max_new_tokens = 2, 12
+    config.save_pretrained(folder)
+    return folder
+
+
+def _direct_reports(generator, images, **generation):
+    """What the model says when called by hand with its own generation_config plus `generation`."""
+    import copy
+
+    from cyclex.adapters.hf import images_to_pil
+
+    config = copy.deepcopy(generator.model.generation_config)
+    for key, value in generation.items():
+        setattr(config, key, value)
+    pixel_values = generator.image_processor(images=images_to_pil(images), return_tensors="pt").pixel_values
+    ids = generator.model.generate(pixel_values=pixel_values, generation_config=config)
+    return ids, [t.strip() for t in generator.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def test_hf_honours_the_models_generation_config(beam_ved_folder):
+    # the user's model: its own generation_config.json (beams, length) used to be replaced by
+    # max_new_tokens=96, num_beams=1, which ran a 64-position GPT-2 into IndexError mid-batch
+    generator = load_generator(f"hf:{beam_ved_folder}::device=cpu,batch_size=2")
+    torch.manual_seed(3)
+    images = torch.rand(3, 1, 32, 32)
+    ids, expected = _direct_reports(generator, images)
+    assert ids.shape[1] == 13  # the untrained decoder never stops early: all 12 tokens, within 16 positions
+    assert generator.generate(images) == expected
+    assert generator.generation_config.num_beams == 2 and generator.generation_config.max_new_tokens == 12
+    # spec options override single fields, the rest stays the model's
+    greedy = load_generator(f"hf:{beam_ved_folder}::device=cpu,num_beams=1,max_new_tokens=4")
+    assert greedy.generation_config.num_beams == 1 and greedy.generation_config.max_new_tokens == 4
+    assert greedy.generate(images) == _direct_reports(greedy, images, num_beams=1, max_new_tokens=4)[1]
+
+
+def test_hf_never_generates_past_the_decoders_positions(beam_ved_folder, caplog):
+    generator = load_generator(f"hf:{beam_ved_folder}::device=cpu,max_new_tokens=96")
+    images = torch.rand(2, 1, 32, 32)
+    with pytest.raises(IndexError):  # what the model does when asked by hand for 96 tokens
+        _direct_reports(generator, images, max_new_tokens=96)
+    with caplog.at_level("WARNING", logger="cyclex.adapters.hf"):
+        reports = generator.generate(images)
+        generator.generate(images)
+    assert reports == _direct_reports(generator, images, max_new_tokens=15)[1]  # 1 start token + 15 = 16 positions
+    capped = [r for r in caplog.records if "past the decoder's 16 positions" in r.getMessage()]
+    assert len(capped) == 1 and "at most 15 new tokens" in capped[0].getMessage()  # said once, not per batch
+
+
+def test_hf_spec_options_are_all_documented():
+    from cyclex.specs.generators import SPEC_OPTIONS, spec_options_help
+
+    accepted = {"prompt", "device", "batch_size"} | _generation_option_names()
+    assert set(SPEC_OPTIONS["hf"]) == accepted
+    help_text = spec_options_help()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for kind, options in SPEC_OPTIONS.items():
+        for key in options:
+            if key != "ANY_OPTION":
+                assert key in help_text, (kind, key)
+                assert f"`{key}`" in readme, f"README does not document the {kind} option {key}"
+
+
+def _generation_option_names() -> set[str]:
+    from cyclex.specs import generators
+
+    return generators._HF_GENERATION_INT | generators._HF_GENERATION_FLOAT | generators._HF_GENERATION_BOOL
 
 
 def test_hf_generator_wraps_model_errors(tiny_ved_folder):

@@ -11,6 +11,7 @@ from _tailored_helpers import write_images
 from cyclex.adapters.base import GeneratorInfo
 from cyclex.findings import FindingLabels, LabelState
 from cyclex.tailored_training import EmptyDatasetError, build_tailored_dataset, read_manifest
+from cyclex.tailored_training.dataset import TooManyFailuresError
 
 
 class KeywordLabeler:
@@ -99,12 +100,37 @@ def test_failing_images_are_skipped_and_recorded(tmp_path):
     threshold = (ordered[-3] + ordered[-2]) / 2  # the 2 brightest images make the generator fail
     gen = BrightnessGenerator(fail_above=threshold)
     rows = read_manifest(build_tailored_dataset(gen, records, KeywordLabeler(), tmp_path / "ds", batch_size=4,
-                                                show_progress=False))
+                                                show_progress=False, max_failed_fraction=0.3))
     bad = {i for i, m in means.items() if m > threshold}
     assert len(bad) == 2
     assert {r["id"] for r in rows} == set(means) - bad
     failures = [json.loads(line) for line in (tmp_path / "ds" / "failures.jsonl").read_text().splitlines()]
     assert {f["id"] for f in failures} == bad and all("model exploded" in f["error"] for f in failures)
+
+
+def test_a_tenth_of_the_images_failing_is_refused_loudly_and_counted(tmp_path, caplog):
+    # the user's run: 11 % of the images failed (IndexError mid-batch) and training went on without
+    # them, with one warning among hundreds of lines
+    records = _records(tmp_path, n=9)
+    ordered = sorted(_mean(r["image"]) for r in records)
+    assert ordered[-1] > ordered[-2]
+    brightest = (ordered[-1] + ordered[-2]) / 2
+    gen = BrightnessGenerator(fail_above=brightest)  # fails on the brightest of 9 images
+    with pytest.raises(TooManyFailuresError) as refused:
+        build_tailored_dataset(gen, records, KeywordLabeler(), tmp_path / "ds", batch_size=4, show_progress=False)
+    message = str(refused.value)
+    assert "1 of 9 images (11.1 %) failed: 1 x " in message and "model exploded" in message
+    assert "--max-failed-fraction" in message and "failures.jsonl" in message
+    assert not (tmp_path / "ds" / "manifest.jsonl").exists()  # nothing to train on was written
+    assert len((tmp_path / "ds" / "failures.jsonl").read_text().splitlines()) == 1
+    # allowed explicitly: the manifest is built, the skipped images counted in dataset.json, one summary warning
+    with caplog.at_level("WARNING", logger="cyclex.tailored_training.dataset"):
+        rows = read_manifest(build_tailored_dataset(BrightnessGenerator(fail_above=brightest), records,
+                                                    KeywordLabeler(), tmp_path / "ds", batch_size=4,
+                                                    show_progress=False, max_failed_fraction=0.2))
+    assert len(rows) == 8
+    assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["n_failed"] == 1
+    assert any("without 1 of 9 images (11.1 %) failed" in r.getMessage() for r in caplog.records)
 
 
 def test_resume_after_crash_reuses_finished_batches(tmp_path):

@@ -11,10 +11,19 @@ Two families are handled by one class:
 
 cyclex images (B, 1, H, W) in [0, 1] are converted to 8-bit RGB PIL images, so the model's own
 processor does its usual resize/normalise exactly as it would on files from disk.
+
+Decoding follows the model's own `generation_config` (its `generation_config.json`: beams, lengths,
+sampling); the `generation_kwargs` the caller passes (the spec's `::key=value` options) override
+single fields. Two guards: a config that names no length gets `DEFAULT_MAX_NEW_TOKENS` (transformers'
+own default of 20 tokens cuts reports short), and no call ever generates past the decoder's
+positions (`n_positions` / `max_position_embeddings`): a learned position table of 64 entries raises
+IndexError at token 65, so `max_new_tokens` is capped to what the positions leave after the prompt,
+with one warning that names both numbers.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,8 +38,48 @@ from cyclex.adapters.callable import generate_in_batches
 
 logger = logging.getLogger(__name__)
 
-# Greedy decoding unless the user asks otherwise: reports must be reproducible for the cycle check.
-DEFAULT_GENERATION_KWARGS: dict[str, Any] = {"max_new_tokens": 96, "num_beams": 1, "do_sample": False}
+# Used only when the model's generation_config names no length at all (neither max_new_tokens nor
+# max_length): long enough for a findings section, and capped by the decoder's positions anyway.
+DEFAULT_MAX_NEW_TOKENS = 96
+
+
+def decoder_positions(model: torch.nn.Module) -> int | None:
+    """How many token positions the text decoder has (None: no fixed table, e.g. unknown configs).
+
+    VisionEncoderDecoder: its decoder's `n_positions` (GPT-2) or `max_position_embeddings` (BERT ...);
+    image-text-to-text models: their text config's, else the model config's.
+    """
+    config = model.config
+    text = getattr(config, "decoder", None) or getattr(config, "text_config", None) or config
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_generation_config(model: torch.nn.Module, overrides: Mapping[str, Any] | None = None):
+    """The model's own `generation_config` with `overrides` applied (a copy; the model is untouched).
+
+    Unknown override names are an error naming them (transformers would silently keep them as
+    attributes). A config that names no length gets max_new_tokens=DEFAULT_MAX_NEW_TOKENS.
+    """
+    from transformers import GenerationConfig
+
+    base = getattr(model, "generation_config", None)
+    config = copy.deepcopy(base) if base is not None else GenerationConfig.from_model_config(model.config)
+    overrides = dict(overrides or {})
+    known = set(GenerationConfig().to_dict())
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"generation options {unknown} are not fields of transformers' GenerationConfig")
+    if "max_length" in overrides and "max_new_tokens" not in overrides:
+        config.max_new_tokens = None  # the caller's max_length wins over the model's max_new_tokens
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if config.max_new_tokens is None and config.max_length is None:
+        config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    return config
 
 
 def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -50,7 +99,9 @@ class HFImageToTextGenerator:
     processor: the model's processor (instruction models) -- or None for encoder-decoder models,
         which use `image_processor` + `tokenizer` instead.
     prompt: instruction text for instruction models (ignored with a warning for encoder-decoders).
-    generation_kwargs: passed to `model.generate`, over `DEFAULT_GENERATION_KWARGS`.
+    generation_kwargs: fields of the model's `generation_config` to override (num_beams,
+        max_new_tokens, do_sample, ...); everything else is the model's own. `generation_config` is
+        the result, what every `generate` call uses (lengths capped to the decoder's positions).
     batch_size: images per `generate` call.
     """
 
@@ -87,7 +138,14 @@ class HFImageToTextGenerator:
             processor, "image_processor", None)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
         self.prompt = prompt
-        self.generation_kwargs = {**DEFAULT_GENERATION_KWARGS, **dict(generation_kwargs or {})}
+        self.generation_config = resolve_generation_config(model, generation_kwargs)
+        if self.generation_config.do_sample:
+            logger.warning("%s samples its reports (do_sample=True in its generation config): the same image "
+                           "gets different reports, so the cycle check is not reproducible; add ::do_sample=false "
+                           "to the generator spec for greedy or beam decoding",
+                           name or getattr(model, "name_or_path", type(model).__name__))
+        self.positions = decoder_positions(model)
+        self._warned_positions = False
         self.batch_size = batch_size
         self.info = GeneratorInfo(
             name=name or f"hf:{getattr(model, 'name_or_path', '') or type(model).__name__}",
@@ -178,7 +236,8 @@ class HFImageToTextGenerator:
         if self.is_encoder_decoder_captioner:
             pixel_values = self.image_processor(images=pil_images, return_tensors="pt").pixel_values
             pixel_values = pixel_values.to(self.device, dtype=self.model.dtype)
-            sequences = self.model.generate(pixel_values=pixel_values, **self.generation_kwargs)
+            # the decoder starts from decoder_start_token_id: one position is taken before the first new token
+            sequences = self.model.generate(pixel_values=pixel_values, generation_config=self._config_for(1))
             return [text.strip() for text in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
         # 3. Instruction models: the prompt travels with every image
         prompt_text = self._prompt_text()
@@ -187,7 +246,8 @@ class HFImageToTextGenerator:
         inputs = {key: value.to(self.device) for key, value in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        sequences = self.model.generate(**inputs, **self.generation_kwargs)
+        prompt_length = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
+        sequences = self.model.generate(**inputs, generation_config=self._config_for(prompt_length))
         # 4. Decoder-only models echo the prompt tokens: keep only the new ones
         input_ids = inputs.get("input_ids")
         if input_ids is not None and sequences.shape[1] >= input_ids.shape[1] and torch.equal(
@@ -195,6 +255,28 @@ class HFImageToTextGenerator:
             sequences = sequences[:, input_ids.shape[1]:]
         texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
         return [self._strip_prompt(text) for text in texts]
+
+    def _config_for(self, prompt_length: int):
+        """The generation config of one call: max_new_tokens capped so prompt + report fit the positions."""
+        config = copy.deepcopy(self.generation_config)
+        wanted = config.max_new_tokens
+        if wanted is None:  # a max_length from the model's config or the spec counts the prompt too
+            wanted = max(1, int(config.max_length) - prompt_length)
+        config.max_new_tokens, config.max_length = int(wanted), None
+        if self.positions is None:
+            return config
+        room = self.positions - prompt_length
+        if room < 1:
+            raise GeneratorError(f"{self.info.name}: the prompt takes {prompt_length} tokens, all of the decoder's "
+                                 f"{self.positions} positions; shorten ::prompt=")
+        if wanted > room:
+            if not self._warned_positions:
+                logger.warning("%s: max_new_tokens=%d would run past the decoder's %d positions (prompt %d); "
+                               "generating at most %d new tokens (set ::max_new_tokens= to silence this)",
+                               self.info.name, wanted, self.positions, prompt_length, room)
+                self._warned_positions = True
+            config.max_new_tokens = room
+        return config
 
     def _prompt_text(self) -> str:
         instruction = self.prompt or ""

@@ -1,17 +1,19 @@
 """Name a report generator in one string (for the CLI and run folders).
 
-Specs:
+Specs (options after the last ``::``, ``key=value`` pairs separated by commas):
 
-* ``hf:PATH_OR_ID[::prompt=Describe the findings,max_new_tokens=64,num_beams=3,batch_size=8]``
-* ``r2gen:REPO::CHECKPOINT::ANNOTATION[::dataset_name=iu_xray,beam_size=3,max_seq_length=60]``
+* ``hf:PATH_OR_ID[::prompt=Describe the findings,num_beams=3,batch_size=8]``
+* ``r2gen:REPO::CHECKPOINT::ANNOTATION[::dataset=iu_xray,beam_size=3,threshold=10]``
 * ``r2gencmn:REPO::CHECKPOINT::ANNOTATION[::...]``
 * ``python:package.module:function`` -- the function takes (B, 1, H, W) in [0, 1], returns B strings
   (a `ReportGenerator` object, or a zero-argument factory returning one, is used as is)
-* ``demo:clean`` / ``demo:shortcut`` -- the embedded demo generators (trained and cached when missing)
+* ``demo:clean`` / ``demo:shortcut`` -- the embedded demo generators (installed from the weights the
+  package ships, trained only when those are missing)
 
-Options are ``key=value`` pairs separated by commas; ``prompt=`` takes the rest of the options
-text when it is the last option, so a prompt may contain commas. ``dataset=`` is accepted for
-``dataset_name=``. Common options for every kind: ``device=``, ``batch_size=``.
+Every option each kind accepts is listed in `SPEC_OPTIONS` (the README's table and the CLI's
+``--generator`` help are written from it). ``prompt=`` takes the rest of the options text when it
+is the last option, so a prompt may contain commas. Hugging Face models decode with their own
+``generation_config.json``; the generation options here override single fields of it.
 """
 
 from __future__ import annotations
@@ -25,10 +27,53 @@ from typing import Any
 from cyclex.adapters.base import GeneratorInfo, ReportGenerator
 from cyclex.adapters.callable import CallableGenerator
 
+# hf: fields of the model's generation_config a spec may override, by type
 _HF_GENERATION_INT = {"max_new_tokens", "num_beams", "max_length", "min_new_tokens", "top_k",
                       "no_repeat_ngram_size"}
 _HF_GENERATION_FLOAT = {"temperature", "top_p", "repetition_penalty", "length_penalty"}
 _HF_GENERATION_BOOL = {"do_sample", "early_stopping"}
+
+# Every `::key=value` option, per kind: what it does (the README table and `--generator` help).
+SPEC_OPTIONS: dict[str, dict[str, str]] = {
+    "hf": {
+        "prompt": "instruction for image-text-to-text models (e.g. Describe the findings); ignored by "
+                  "encoder-decoder captioners",
+        "device": "torch device (default: cuda when available, else cpu)",
+        "batch_size": "images per generate call (default 16)",
+        "max_new_tokens": "report length in tokens (default: the model's generation_config, else 96; "
+                          "always capped to the decoder's positions)",
+        "max_length": "prompt + report length in tokens, as transformers counts it",
+        "min_new_tokens": "shortest report in tokens",
+        "num_beams": "beam search width (default: the model's generation_config)",
+        "do_sample": "true: sample reports (not reproducible: the cycle check needs greedy or beams)",
+        "temperature": "sampling temperature", "top_k": "sampling: keep the k most likely tokens",
+        "top_p": "sampling: nucleus probability", "repetition_penalty": "penalty on repeated tokens",
+        "no_repeat_ngram_size": "forbid repeating n-grams of this size", "length_penalty": "beam length penalty",
+        "early_stopping": "beam search stops when num_beams reports are finished",
+    },
+    "r2gen": {
+        "dataset": "iu_xray (two views) or mimic_cxr (one view); default: read from the annotation file",
+        "threshold": "word-frequency cut-off of the vocabulary; default: the checkout's main script, or the "
+                     "one that reproduces the checkpoint's vocabulary size",
+        "device": "torch device", "batch_size": "images per call (default 16)",
+        "ANY_OPTION": "any other argparse option of the checkout's main script (beam_size, max_seq_length, "
+                      "sample_method, ...), converted to the option's type",
+    },
+    "python": {"batch_size": "call the function on at most this many images at a time (default: all)"},
+    "demo": {"device": "torch device", "batch_size": "images per call (default 64)"},
+}
+SPEC_OPTIONS["r2gencmn"] = SPEC_OPTIONS["r2gen"]
+
+
+def spec_options_help() -> str:
+    """One line per kind naming its options (the CLI's --generator help)."""
+    kinds = {"hf": "hf:PATH_OR_ID", "r2gen": "r2gen:REPO::CHECKPOINT::ANNOTATION (also r2gencmn:)",
+             "python": "python:module:function", "demo": "demo:clean | demo:shortcut"}
+    lines = []
+    for kind, form in kinds.items():
+        keys = [k if k != "ANY_OPTION" else "any argparse option of the checkout" for k in SPEC_OPTIONS[kind]]
+        lines.append(f"{form}[::{'=..,'.join(keys)}=..]")
+    return "; ".join(lines)
 
 
 class GeneratorSpecError(ValueError):
@@ -96,8 +141,7 @@ def _load_hf(body: str, options: dict[str, str], spec: str) -> ReportGenerator:
             generation_kwargs[key] = _to_bool(key, value, spec)
         else:
             raise GeneratorSpecError(
-                f"generator spec {spec!r}: unknown hf option {key!r}; known: prompt, device, batch_size, "
-                f"{', '.join(sorted(_HF_GENERATION_INT | _HF_GENERATION_FLOAT | _HF_GENERATION_BOOL))}")
+                f"generator spec {spec!r}: unknown hf option {key!r}; known: {', '.join(SPEC_OPTIONS['hf'])}")
     return HFImageToTextGenerator.from_pretrained(body, prompt=prompt, generation_kwargs=generation_kwargs,
                                                   device=device, batch_size=batch_size)
 
@@ -144,6 +188,9 @@ def _load_python(body: str, options: dict[str, str], spec: str) -> ReportGenerat
     if not callable(target):
         raise GeneratorSpecError(f"generator spec {spec!r}: {attribute} is not callable")
     batch_size = options.pop("batch_size", None)
+    if options:
+        raise GeneratorSpecError(f"generator spec {spec!r}: unknown python option(s) {sorted(options)}; "
+                                 f"known: {', '.join(SPEC_OPTIONS['python'])}")
     return CallableGenerator(target, GeneratorInfo(name=spec.split("::")[0], channels=1, mean=(0.0,), std=(1.0,)),
                              batch_size=_to_int("batch_size", batch_size, spec) if batch_size else None)
 

@@ -47,6 +47,27 @@ class EmptyDatasetError(ValueError):
     """No image to build a data set from, or no image for which the generator produced a report."""
 
 
+class TooManyFailuresError(ValueError):
+    """More images failed (generator or reader) than `max_failed_fraction` allows; failures.jsonl lists them."""
+
+
+# Share of images that may fail before the data set is refused: a few unreadable files in a large
+# set are normal; a tenth of the set failing is a broken generator setup (e.g. a decoder running
+# past its positions), and training on the rest would silently bias the tailored SD.
+DEFAULT_MAX_FAILED_FRACTION = 0.01
+
+
+def summarize_failures(failures: Sequence[dict], total: int, limit: int = 3) -> str:
+    """'12 of 100 images (12.0 %) failed: 11 x IndexError: ..., 1 x ...' (the commonest errors first)."""
+    from collections import Counter
+
+    kinds = Counter(str(row.get("error", "?")).splitlines()[0][:160] for row in failures)
+    listed = "; ".join(f"{n} x {text}" for text, n in kinds.most_common(limit))
+    more = f"; and {len(kinds) - limit} other errors" if len(kinds) > limit else ""
+    share = 100.0 * len(failures) / total if total else 0.0
+    return f"{len(failures)} of {total} images ({share:.1f} %) failed: {listed}{more}"
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One training image: a unique id, its file, and its ground-truth report when known."""
@@ -239,6 +260,7 @@ def build_tailored_dataset(
     template: str = "cvlm",
     uncertain_as_present: bool = True,
     show_progress: bool = True,
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
 ) -> Path:
     """Run `generator` over `images`, label its reports and write the tailored manifest.
 
@@ -247,8 +269,13 @@ def build_tailored_dataset(
     images: paths, or records (dicts / objects) with `id`, `image` (a path) and optional `report`
     (ground truth). labeler: a `Labeler` (`label(reports) -> list[FindingLabels]`).
     prompt_source: "generated" (CVLM) or "ground-truth" (the ablation; every record needs a report).
+    max_failed_fraction: refuse (TooManyFailuresError, after writing failures.jsonl) when more than
+    this share of the images failed; below it, the skipped images are counted in dataset.json and
+    counts.json and summarised in one warning (the commonest errors with their counts).
     Returns the path of `manifest.jsonl` in `out`.
     """
+    if not 0.0 <= float(max_failed_fraction) <= 1.0:
+        raise ValueError(f"max_failed_fraction must be in [0, 1], got {max_failed_fraction}")
     if prompt_source not in PROMPT_SOURCES:
         raise ValueError(f"prompt_source must be one of {PROMPT_SOURCES}, got {prompt_source!r}")
     if batch_size < 1:
@@ -295,15 +322,19 @@ def build_tailored_dataset(
             bar.update(len(batch))
     # failures.jsonl keeps only the images still failing after this run.
     write_jsonl_atomic(out / FAILURES_NAME, failures.values())
-    if failures:
-        logger.warning("%d of %d images were skipped (generator or reader failures, see %s)",
-                       len(failures), len(records), out / FAILURES_NAME)
-
     kept = [r for r in records if r.id in cached]
     if not kept:
         raise EmptyDatasetError(
             f"generator {name} produced no report for any of the {len(records)} images; see {out / FAILURES_NAME}"
         )
+    if failures:
+        summary = summarize_failures(list(failures.values()), len(records))
+        if len(failures) > max_failed_fraction * len(records):
+            raise TooManyFailuresError(
+                f"generator {name}: {summary}. That is more than the {100 * max_failed_fraction:g} % allowed "
+                f"(--max-failed-fraction); every failure is listed in {out / FAILURES_NAME}. Fix the cause and "
+                "run again (finished reports are cached), or raise --max-failed-fraction to train without them")
+        logger.warning("tailored data set without %s (skipped; listed in %s)", summary, out / FAILURES_NAME)
 
     # 3. Label generated (and ground-truth) reports.
     generated_reports = [cached[r.id]["report"] for r in kept]
