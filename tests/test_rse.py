@@ -143,3 +143,5 @@ def test_cli_explain_with_rse_writes_the_guidance_maps(tmp_path):
         assert guidance.shape == edit_mask.shape == (1, *np.asarray(Image.open(out / line["query_png"])).shape)
         assert 0 <= guidance.min() and guidance.max() <= 1 and set(np.unique(edit_mask)) <= {0.0, 1.0}
         assert (out / line["files"]["guidance_map"]).is_file()
+    page = (out / "index.html").read_text()
+    assert "guidance_map.png" in page and "RSE guidance map" in page

@@ -60,6 +60,7 @@ ITEM_IMAGES = (
     ("counterfactual_png", "Counterfactual"),
     ("difference_png", "Difference (reference − CF)"),
     ("frame_png", "Feature frame"),
+    ("guidance_map_png", "RSE guidance map G = M * R"),
     ("mask_png", "Ground-truth mask"),
     ("shortcut_mask_png", "Shortcut marker"),
 )
