@@ -9,6 +9,9 @@ cycle verified) for a fraction of the work:
 - one inversion per (null setting, checkpoint) serves every strength (sampling starts later on the
   same pivot trajectory) and every guidance (the null embeddings are fitted once, at the maker's
   inversion guidance); the guidance-1 pivot is shared by both null settings (inversion cache);
+  with `fit_null_per_guidance=True` null-text inversion is fitted at each sampling guidance, as
+  Algorithm 1 does, and only shared across strengths: the same candidates as Algorithm 1, so any
+  saving comes from sharing, ordering and stopping early, not from a different method;
 - the guidance values of one (null, checkpoint, strength) run as one UNet batch
   (`guidance_batch_size=None`), or in smaller batches that stop at the first accepted one
   (`guidance_batch_size=1`: fewest UNet evaluations, since omega 7 alone holds most successes);
@@ -183,6 +186,10 @@ class MetricGuidedSearch:
         the same arguments; results need `.score` (0..5) and optionally `.values`.
     cycle_check: `cycle_check(cf_images (N, 1, H, W), findings) -> N bools`, True when the
         regenerated report no longer holds the finding.
+    fit_null_per_guidance: makers whose inversion is fitted for a guidance (`inversion_guidance`,
+        null-text inversion) are refitted at each sampling guidance, Algorithm 1's method; the
+        guidances then form the outer loop (one fit serves every strength before the next fit).
+        False: one fit at the maker's inversion guidance serves every guidance (cheaper, approximate).
     """
 
     def __init__(
@@ -198,6 +205,7 @@ class MetricGuidedSearch:
         order_by_paper_shares: bool = True,
         log_path: str | Path | None = None,
         guidance_batch_size: int | None = None,
+        fit_null_per_guidance: bool = False,
     ) -> None:
         if guidance_batch_size is not None and int(guidance_batch_size) < 1:
             raise ValueError(f"guidance_batch_size must be >= 1 or None (all guidances in one batch), got {guidance_batch_size}")
@@ -223,6 +231,7 @@ class MetricGuidedSearch:
         self.guidances = [float(g) for g in order(list(guidances), "guidance")]
         self.required_score = int(required_score)
         self.guidance_batch_size = None if guidance_batch_size is None else int(guidance_batch_size)
+        self.fit_null_per_guidance = bool(fit_null_per_guidance)
         self.log_path = Path(log_path) if log_path is not None else None
         self._log_lines: list[str] = []
         self._maker_memo: dict[tuple, Any] = {}
@@ -242,6 +251,22 @@ class MetricGuidedSearch:
                     raise TypeError(f"maker for {checkpoint!r} lacks {method}(); use an InvertThenEditMaker")
             self._maker_memo[key] = maker
         return self._maker_memo[key]
+
+    def fitted_at(self, maker: Any, guidance: float) -> Any:
+        """A sibling of `maker` whose inversion is fitted at `guidance` (sharing its model and cache)."""
+        key = (id(maker), float(guidance))
+        if key not in self._maker_memo:
+            if not callable(getattr(maker, "replace", None)):
+                raise TypeError(f"{type(maker).__name__} has inversion_guidance but no replace(); "
+                                "fit_null_per_guidance needs makers that can be copied with another guidance")
+            self._maker_memo[key] = maker.replace(inversion_guidance=float(guidance))
+        return self._maker_memo[key]
+
+    def _runs_for(self, maker: Any) -> list[tuple[Any, list[tuple[float, list[float]]]]]:
+        """(maker to invert with, [(strength, guidances), ...]) in search order, for one (null, checkpoint)."""
+        if self.fit_null_per_guidance and hasattr(maker, "inversion_guidance"):
+            return [(self.fitted_at(maker, g), [(s, [g]) for s in self.strengths]) for g in self.guidances]
+        return [(maker, self._strength_guidance_batches())]
 
     def _null_settings_for(self, checkpoint: str) -> list:
         if isinstance(self.makers, Mapping) and not hasattr(self.makers[checkpoint], "with_null_setting"):
@@ -265,33 +290,35 @@ class MetricGuidedSearch:
                     if null_setting != self.null_settings[0]:
                         continue  # a maker without null settings is tried once per checkpoint
                     effective_null = None
-                maker = self.maker_for(checkpoint, effective_null)
-                passes_start.setdefault(id(getattr(maker, "ld", maker)), (maker, unet_passes_of(maker)))
-                t0, c0 = time.perf_counter(), unet_calls_of(maker)
-                inversion = maker.invert(factual, [source_prompt])
-                pending_calls, pending_seconds = unet_calls_of(maker) - c0, time.perf_counter() - t0
-                for strength, guidances in self._strength_guidance_batches():
-                    t1, c1 = time.perf_counter(), unet_calls_of(maker)
-                    images = maker.edit(inversion, [target_prompt], guidances=guidances, strength=strength,
-                                        output_size=size)[0]
-                    calls = unet_calls_of(maker) - c1 + pending_calls
-                    seconds = time.perf_counter() - t1 + pending_seconds
-                    pending_calls, pending_seconds = 0, 0.0
-                    settings = [
-                        {"null_setting": effective_null, "checkpoint": checkpoint, "strength": strength, "guidance": g}
-                        for g in guidances
-                    ]
-                    group, accepted_index = self._judge(factual, images, finding, settings, calls, seconds)
-                    attempts.extend(group)
-                    total_calls += calls
-                    for k, attempt in enumerate(group):
-                        candidate = (attempt["score"], attempt["verified"] is True, tie_break_key(attempt["_result"]))
-                        if best is None or candidate > best[0]:
-                            best = (candidate, images[k], attempt)
-                    if accepted_index is not None:
-                        passes = sum(unet_passes_of(m) - p for m, p in passes_start.values())
-                        return self._finish(images[accepted_index], group[accepted_index], attempts, finding,
-                                            total_calls, start_time, accepted=True, passes=passes)
+                for maker, batches in self._runs_for(self.maker_for(checkpoint, effective_null)):
+                    passes_start.setdefault(id(getattr(maker, "ld", maker)), (maker, unet_passes_of(maker)))
+                    t0, c0 = time.perf_counter(), unet_calls_of(maker)
+                    inversion = maker.invert(factual, [source_prompt])
+                    pending_calls, pending_seconds = unet_calls_of(maker) - c0, time.perf_counter() - t0
+                    for strength, guidances in batches:
+                        t1, c1 = time.perf_counter(), unet_calls_of(maker)
+                        images = maker.edit(inversion, [target_prompt], guidances=guidances, strength=strength,
+                                            output_size=size)[0]
+                        calls = unet_calls_of(maker) - c1 + pending_calls
+                        seconds = time.perf_counter() - t1 + pending_seconds
+                        pending_calls, pending_seconds = 0, 0.0
+                        settings = [
+                            {"null_setting": effective_null, "checkpoint": checkpoint, "strength": strength,
+                             "guidance": g}
+                            for g in guidances
+                        ]
+                        group, accepted_index = self._judge(factual, images, finding, settings, calls, seconds)
+                        attempts.extend(group)
+                        total_calls += calls
+                        for k, attempt in enumerate(group):
+                            candidate = (attempt["score"], attempt["verified"] is True,
+                                         tie_break_key(attempt["_result"]))
+                            if best is None or candidate > best[0]:
+                                best = (candidate, images[k], attempt)
+                        if accepted_index is not None:
+                            passes = sum(unet_passes_of(m) - p for m, p in passes_start.values())
+                            return self._finish(images[accepted_index], group[accepted_index], attempts, finding,
+                                                total_calls, start_time, accepted=True, passes=passes)
         assert best is not None  # every loop ran at least once (checked in __init__)
         passes = sum(unet_passes_of(m) - p for m, p in passes_start.values())
         return self._finish(best[1], best[2], attempts, finding, total_calls, start_time, accepted=False,

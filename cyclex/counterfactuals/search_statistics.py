@@ -5,6 +5,9 @@
   CF_Score criteria stopped the attempts. `SearchingMaker` writes them to RUN/search_ablation.json.
 - `SearchSummary.from_results(results)`: acceptance rate and UNet calls / passes / seconds per
   accepted counterfactual of one search arm (the rows of `benchmarks/search.py`).
+- `bootstrap_mean_ci(values)` / `paired_difference_ci(a, b)`: percentile-bootstrap 95 % intervals
+  over findings (fixed seed) for a rate or mean, and for the difference of two arms measured on the
+  same findings (the findings are resampled jointly, so the pairing is kept).
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ import numpy as np
 
 from cyclex.counterfactuals.search import SearchResult, cf_score_of
 
-__all__ = ["ablation_tables", "SearchSummary"]
+__all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "SearchSummary", "ablation_tables", "bootstrap_mean_ci",
+           "paired_difference_ci", "paired_ratio_ci"]
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0  # fixed: the same intervals on every run of the same data
 
 
 def ablation_tables(attempt_logs: Sequence[Sequence[Mapping[str, Any]]], required_score: int = 5) -> dict[str, Any]:
@@ -94,3 +101,59 @@ class SearchSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) indices of findings drawn with replacement."""
+    if n < 1:
+        raise ValueError("a bootstrap needs at least one finding")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    return np.random.default_rng(seed).integers(0, n, size=(int(resamples), n))
+
+
+def _percentiles(samples: np.ndarray, level: float) -> list[float]:
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(samples, [tail, 100.0 - tail])
+    return [float(low), float(high)]
+
+
+def bootstrap_mean_ci(values: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                      level: float = 0.95) -> list[float]:
+    """Percentile-bootstrap interval [low, high] of the mean of per-finding values (a rate for 0/1 values)."""
+    x = np.asarray(values, dtype=float)
+    idx = _resample_indices(len(x), resamples, seed)
+    return _percentiles(x[idx].mean(axis=1), level)
+
+
+def paired_difference_ci(a: Sequence[float], b: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES,
+                         seed: int = BOOTSTRAP_SEED, level: float = 0.95) -> dict[str, Any]:
+    """mean(a) - mean(b) over the same findings, with its paired percentile-bootstrap interval.
+
+    a[i] and b[i] belong to finding i (two arms, one finding): each resample draws findings and
+    keeps both arms' values of a drawn finding together. n_a_only / n_b_only: findings where only
+    a (only b) is positive, i.e. for 0/1 acceptance the discordant pairs.
+    """
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"paired arms need one value per finding each, got {x.shape} and {y.shape}")
+    idx = _resample_indices(len(x), resamples, seed)
+    d = x - y
+    return {"difference": float(d.mean()), "ci95": _percentiles(d[idx].mean(axis=1), level),
+            "n_findings": int(len(x)), "n_a_only": int(((x > 0) & (y <= 0)).sum()),
+            "n_b_only": int(((y > 0) & (x <= 0)).sum())}
+
+
+def paired_ratio_ci(a: Sequence[float], b: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES,
+                    seed: int = BOOTSTRAP_SEED, level: float = 0.95) -> dict[str, Any]:
+    """sum(a) / sum(b) over the same findings (a cost ratio), with its paired bootstrap interval."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"paired arms need one value per finding each, got {x.shape} and {y.shape}")
+    if y.sum() <= 0:
+        return {"ratio": None, "ci95": None, "n_findings": int(len(x))}
+    idx = _resample_indices(len(x), resamples, seed)
+    den = y[idx].sum(axis=1)
+    ratios = x[idx].sum(axis=1) / np.where(den > 0, den, np.nan)
+    return {"ratio": float(x.sum() / y.sum()), "ci95": _percentiles(ratios[~np.isnan(ratios)], level),
+            "n_findings": int(len(x))}
