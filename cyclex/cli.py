@@ -9,6 +9,29 @@ import typer
 
 ATTENTION_CONTROL_VARIANTS = ("nti", "negative-prompt", "direct")  # the makers with P2P processors
 
+
+def parse_maker_options(options: list[str]) -> dict:
+    """--maker-option KEY=VALUE texts -> maker keyword arguments (true/false, ints, floats, else text)."""
+    parsed: dict = {}
+    for option in options:
+        key, sep, text = option.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--maker-option must be KEY=VALUE with KEY a setting name, got {option!r}")
+        text = text.strip()
+        value: object = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    continue
+        parsed[key] = value
+    return parsed
+
 app = typer.Typer(help="cyclex: cyclic counterfactual explanations for chest X-ray report generators.",
                   no_args_is_help=True, add_completion=False)
 
@@ -161,6 +184,9 @@ def explain(
     search_guidance_batch: int = typer.Option(0, "--search-guidance-batch", min=0,
                                               help="search: guidances per UNet batch (0: all at once; 1: one by one, "
                                               "stopping at the first accepted, fewest UNet evaluations)"),
+    maker_option: list[str] = typer.Option(None, "--maker-option", help="KEY=VALUE setting of the variant's maker, "
+                                           "repeatable; e.g. for --variant rse: tau=0.2, relevance_draws=8, "
+                                           "relevance_strength=0.5, prior=none, paste_query_outside_mask=true"),
 ) -> None:
     """Remove each finding, make the counterfactual, regenerate, verify; write frames into a run folder."""
     import logging
@@ -191,7 +217,7 @@ def explain(
             # the application decides from the spec that a demo generator gets the phantom stand-ins
             scorer = search_scorer_from_specs(classifier, encoder, lpips, thresholds,
                                               demo=is_demo_generator_spec(generator))
-        maker_kwargs = {}
+        maker_kwargs = parse_maker_options(maker_option or [])
         if attention_control != "none":
             from cyclex.counterfactuals.attention_control import AttentionControlConfig
 

@@ -145,3 +145,30 @@ def test_cli_explain_with_rse_writes_the_guidance_maps(tmp_path):
         assert (out / line["files"]["guidance_map"]).is_file()
     page = (out / "index.html").read_text()
     assert "guidance_map.png" in page and "RSE guidance map" in page
+
+
+def test_cli_maker_options_reach_the_maker(tmp_path):
+    from cycle_fakes import query, write_tiny_tailored
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cyclex.cli import app, parse_maker_options
+
+    assert parse_maker_options(["tau=0.2", "relevance-draws=8", "prior=none", "paste_query_outside_mask=TRUE"]) == {
+        "tau": 0.2, "relevance_draws": 8, "prior": "none", "paste_query_outside_mask": True}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_maker_options(["tau"])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.uint8(query(0.9, 0.9)[0].numpy() * 255 + 0.5)).save(folder / "a.png")
+    base = ["explain", "--generator", "python:cycle_fakes:brightness_reports",
+            "--tailored", str(write_tiny_tailored(tmp_path / "sd")), "--images", str(folder),
+            "--steps", "2", "--variant", "rse", "--labeler", "python:cycle_fakes:KeywordLabeler",
+            "--findings", "Cardiomegaly"]
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "run"), "--maker-option", "tau=0.3",
+                                      "--maker-option", "prior=none"])
+    assert result.exit_code == 0, result.output
+    line = json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[0])
+    assert line["settings"]["tau"] == 0.3 and line["settings"]["prior"] == "none"
+    bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"), "--maker-option", "prior=boxes"])
+    assert bad.exit_code == 1 and "prior must be one of" in bad.output
