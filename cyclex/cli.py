@@ -484,3 +484,88 @@ def report_command(
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(code=1) from None
     console.print(f"report: {escape(str(page))} (open it in a browser: file://{escape(str(page.resolve()))})")
+
+
+@app.command("audit")
+def audit_command(
+    runs: list[Path] = typer.Argument(None, help="finished run folders to audit (or use --generator / --tailored)"),
+    out: Path = typer.Option(..., "--out", help="audit folder: audit.json, audit.html, overlays/ (and runs/)"),
+    generator: list[str] = typer.Option(None, "--generator", help="generator spec, repeated (one per --tailored)"),
+    tailored: list[str] = typer.Option(None, "--tailored", help="tailored SD folder of each --generator, in order"),
+    images: str = typer.Option(None, "--images", help="query folder / phantom folder / CSV: explained with every "
+                               "--generator; with run folders, only read for the images' chest boxes"),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps T (with --generator)"),
+    guidance: float = typer.Option(7.5, "--guidance", help="classifier-free guidance omega (with --generator)"),
+    checkpoint: str = typer.Option("best_psnr", "--checkpoint", help="tailored checkpoint (with --generator)"),
+    frame_normalize: bool = typer.Option(False, "--frame-normalize/--no-frame-normalize",
+                                         help="stretch |I - CF| to a maximum of 255 before thresholding"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="start the generators' run folders over"),
+) -> None:
+    """Compare generators on the same images: Cyclic Rates with intervals, frame agreement, shortcut flags."""
+    import logging
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from cyclex.cycle.audit_report import audit_generators, audit_runs
+    from cyclex.cycle.report_html import run_names
+    from cyclex.cycle.run_folder import RunFolderError, load_image_records
+    from cyclex.cycle.settings import ExplainSettings, FrameSettings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console = Console()
+    try:
+        if runs and generator:
+            raise ValueError("give either run folders or --generator/--tailored, not both")
+        if generator:
+            if len(generator) != len(tailored or []) or len(generator) < 2:
+                raise ValueError(f"--generator and --tailored must be given in pairs, at least two: got "
+                                 f"{len(generator)} --generator and {len(tailored or [])} --tailored")
+            if not images:
+                raise ValueError("--generator needs --images (the queries every generator explains)")
+            from cyclex.specs.generators import load_generator
+
+            names = [spec.split(":", 1)[-1].replace("/", "_") or spec for spec in generator]
+            if len(set(names)) != len(names):
+                names = [f"{i}_{name}" for i, name in enumerate(names)]
+            settings = ExplainSettings(steps=steps, guidance=guidance, checkpoint=checkpoint,
+                                       frames=FrameSettings(normalize=frame_normalize))
+            audit = audit_generators({n: (load_generator(g), t) for n, g, t in zip(names, generator, tailored, strict=True)},
+                                     images, out, settings, generator_specs=dict(zip(names, generator, strict=True)),
+                                     overwrite=overwrite)
+        elif runs and len(runs) >= 2:
+            boxes = None
+            if images:
+                boxes = {str(r["id"]): r["chest_box"] for r in load_image_records(images) if r.get("chest_box")}
+            audit = audit_runs(run_names(runs), out, chest_boxes=boxes)
+        else:
+            raise ValueError("an audit needs at least two run folders, or --generator/--tailored pairs with --images")
+    except (FileNotFoundError, ValueError, KeyError, RunFolderError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(code=1) from None
+    names = audit["names"]
+    table = Table(title=f"cyclex audit: {' vs '.join(names)} ({audit['n_shared_images']} shared images)")
+    table.add_column("finding", no_wrap=True)
+    for name in names:
+        table.add_column(f"{name} rate, 95 % CI, n", justify="right", no_wrap=True)
+    table.add_column("NCC/IoU", justify="right", no_wrap=True)
+    table.add_column("shortcut", no_wrap=True)
+    for finding, entry in audit["findings"].items():
+        cells = []
+        for name in names:
+            rate = entry["rates"][name]
+            cells.append("-" if rate["cyclic_rate"] is None else
+                         f"{rate['cyclic_rate']:.2f} {rate['ci95'][0]:.2f}-{rate['ci95'][1]:.2f} {rate['n']}")
+        agreement = next(iter(entry["frame_agreement"].values()))
+        agree = "-" if agreement["mean_ncc"] is None else f"{agreement['mean_ncc']:.2f} / {agreement['mean_iou']:.2f}"
+        flagged = [f"{name} {entry['shortcut'][name]['n_consistent_outside']}/{entry['shortcut'][name]['n_items']}"
+                   for name in names if entry["shortcut"][name]["flagged"]]
+        table.add_row(escape(finding), *[escape(c) for c in cells], agree, escape(", ".join(flagged)) or "-")
+    console.print(table)
+    for flag in audit["shortcut_flags"]:
+        console.print(f"[bold red]shortcut:[/bold red] {escape(flag['generator'])}'s {escape(flag['finding'])} relies on "
+                      f"something at {flag['suspected_box']} outside the finding's prior in "
+                      f"{flag['n_consistent_outside']} of {flag['n_items']} images (S lower 95 % bound "
+                      f"{flag['statistic_ci95'][0]:.2f} > {flag['threshold']:g}); overlay {escape(str(flag['overlay_png']))}")
+    console.print(f"audit: {escape(audit['files']['json'])}, page: {escape(audit['files']['html'])}")
