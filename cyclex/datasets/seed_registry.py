@@ -52,6 +52,7 @@ __all__ = [
     "ANATOMICAL_PRIOR_FITTING",
     "ANATOMICAL_PRIOR_CHECK",
     "RSE_BENCHMARK_QUERIES",
+    "RSE_VALIDATION",
     "DEMO_GUIDANCE_VALIDATION",
     "CYCLE_BENCHMARK_DEVELOPMENT",
     "DEMO_QUERIES",
@@ -160,6 +161,9 @@ CYCLE_BENCHMARK_DEVELOPMENT = SeedUse(
     "cycle_benchmark_development", VALIDATION, (7_331,), None, "retired (benchmarks/cycle.py before issue 16)",
     "the cycle benchmark's queries until issue 16: the demo's difference reference and frame settings were "
     "compared on them, so they count as validation data and are never reported again")
+RSE_VALIDATION = SeedUse(
+    "rse_validation", VALIDATION, (7_601,), None, "benchmarks/rse.py",
+    "the sweep that chooses region-specific editing's tau and pixel paste for rse.json")
 
 # --- queries: what benchmarks report and the demo explains ------------------------------------------------
 DEMO_QUERIES = SeedUse(
@@ -186,7 +190,7 @@ SEED_USES: tuple[SeedUse, ...] = (
     DEMO_GENERATORS_TRAINING, PHANTOM_CLASSIFIER_TRAINING, DEMO_VAE_TRAINING, TAILORED_SD_TRAINING,
     CF_THRESHOLD_CALIBRATION, ANATOMICAL_PRIOR_FITTING,
     PHANTOM_CLASSIFIER_VALIDATION, ANATOMICAL_PRIOR_CHECK, DEMO_VAE_HELDOUT, TAILORED_SD_HELDOUT, DEMO_GUIDANCE_VALIDATION,
-    CYCLE_BENCHMARK_DEVELOPMENT,
+    CYCLE_BENCHMARK_DEVELOPMENT, RSE_VALIDATION,
     DEMO_QUERIES, CYCLE_BENCHMARK_QUERIES, SEARCH_BENCHMARK_QUERIES, GENERATORS_BENCHMARK_QUERIES,
     TAILORED_BENCHMARK_QUERIES, TAILORED_BENCHMARK_THROUGHPUT, RSE_BENCHMARK_QUERIES,
 )
