@@ -53,40 +53,54 @@ def evaluate(
     run: str = typer.Argument(..., help="run folder written by the cyclic engine (results.jsonl, summary.json)"),
     annotations: str = typer.Option(None, "--annotations", help="mask PNG folder (ID__slug.png, .npy heatmaps), "
                                     "MS-CXR box CSV or REFLACX ellipse CSV; used where items have no mask_png"),
-    classifier: str = typer.Option("phantom", "--classifier", help="'phantom[:DIR]', 'xrv:WEIGHTS[::PATH]' or 'none'"),
-    encoder: str = typer.Option("classifier", "--encoder", help="'classifier', 'clip:PATH_OR_ID', "
-                                "'xrv:WEIGHTS[::PATH]', 'phantom[:DIR]' or 'none'"),
-    lpips: str = typer.Option("auto", "--lpips", help="'auto', 'alex[:PATH]', 'vgg[:PATH]' or 'none'"),
+    classifier: str = typer.Option("auto", "--classifier", help="CPG classifier: 'auto' (demo runs: the phantom "
+                                   "classifier; others: torchxrayvision DenseNet when its weights are here), "
+                                   "'xrv:WEIGHTS[::PATH]', 'phantom[:DIR]' or 'none'"),
+    encoder: str = typer.Option("auto", "--encoder", help="encoder of the CLIP criterion: 'auto' (demo runs: the "
+                                "stand-in; others: CLIP from the Hugging Face cache), 'clip:PATH_OR_ID', "
+                                "'classifier', 'xrv:WEIGHTS[::PATH]', 'phantom[:DIR]' or 'none'"),
+    lpips: str = typer.Option("auto", "--lpips", help="'auto' (demo runs: the stand-in; others: AlexNet from "
+                              "torch's cache), 'alex[:PATH]', 'vgg[:PATH]', 'stand-in' or 'none'"),
+    thresholds: str = typer.Option(None, "--thresholds", help="cf_thresholds.json calibrated for these scorers "
+                                   "(default: the demo's calibration for demo runs, seed 000 Table 2 otherwise)"),
     map_kind: str = typer.Option("positive", "--map", help="'positive' (max(F - CF, 0), seed 000) or 'absolute'"),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="draw the seed-000 figures into RUN/figures"),
 ) -> None:
-    """Score a run's counterfactuals and maps: RUN/metrics.jsonl, summary.json["metrics"], RUN/figures/."""
+    """Score a run's counterfactuals and maps: RUN/metrics.jsonl, summary.json["metrics"], RUN/figures/.
+
+    Scorers are the phantom stand-ins only for runs of a demo generator ('demo:...' in the run's
+    settings); any other run needs real scorers (or 'none', reported unavailable).
+    """
+    import json
     import logging
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from cyclex.explain.evaluate_run import EvaluationConfig, evaluate_run
-    from cyclex.specs.scorers import load_classifier_spec, load_encoder_spec, load_lpips_spec
+    from cyclex.specs.scorers import is_demo_generator_spec, load_scorers
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
     try:
-        loaded_classifier = load_classifier_spec(classifier)
-        loaded_encoder = load_encoder_spec(encoder, loaded_classifier)
-        loaded_lpips = load_lpips_spec(lpips)
-        summary = evaluate_run(run, classifier=loaded_classifier, encoder=loaded_encoder, lpips=loaded_lpips,
-                               annotations=annotations,
-                               config=EvaluationConfig(map_kind=map_kind, draw_figures=figures))
+        config_path = Path(run) / "run_config.json"
+        generator = json.loads(config_path.read_text()).get("generator") if config_path.is_file() else None
+        scorers = load_scorers(classifier, encoder, lpips, thresholds, demo=is_demo_generator_spec(generator or ""))
+        summary = evaluate_run(run, classifier=scorers.classifier, encoder=scorers.encoder, lpips=scorers.lpips,
+                               annotations=annotations, scorer_provenance=scorers.describe(),
+                               config=EvaluationConfig(map_kind=map_kind, draw_figures=figures,
+                                                       thresholds=scorers.thresholds,
+                                                       not_applicable=scorers.not_applicable))
     except (FileNotFoundError, ValueError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(code=1) from None
     table = Table(title=f"cyclex evaluate {run}")
     table.add_column("metric")
     table.add_column("all")
     table.add_column("verified")
-    keys = ["l1", "l2", "ssim", "lpips", "clip_cosine", "cpg", "fet", "full/ncc", "full/auc", "full/auc_iou",
-            "boundary/auc"]
+    keys = ["l1", "l2", "ssim", "lpips", "clip_cosine", "cpg", "fet", "full/ncc", "full/auc", "full/auc_smoothed",
+            "full/auc_iou", "boundary/auc", "mass_outside_chest_box"]
     for key in keys:
         values = [summary[group]["mean"].get(key) for group in ("all", "verified")]
         if any(v is not None for v in values):
@@ -97,6 +111,18 @@ def evaluate(
             table.add_row(key, *("-" if v is None else f"{v:.3f}" for v in values))
     table.add_row("items", str(summary["all"]["count"]), str(summary["verified"]["count"]))
     console.print(table)
+    acceptance = summary["all"].get("acceptance")
+    if acceptance and acceptance["undetermined"]:
+        low, high = acceptance["bounds"]
+        console.print(f"acceptance undetermined for {acceptance['undetermined']} of {acceptance['n']} items "
+                      f"(between {low:.3f} and {high:.3f})")
+    for name, counts in (summary["all"].get("criteria") or {}).items():
+        if counts["unavailable"] or counts["not_applicable"]:
+            console.print(f"criterion {name}: unavailable {counts['unavailable']}/{counts['n']}, "
+                          f"not applicable {counts['not_applicable']}/{counts['n']}")
+    for role, described in summary["provenance"]["scorers"].items():
+        if isinstance(described, dict) and "role" in described:
+            console.print(f"{role}: {escape(str(described.get('name') or described.get('note')))}")
     for name, path in summary.get("figures", {}).items():
         console.print(f"figure {name}: {run}/{path}")
 

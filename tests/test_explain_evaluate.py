@@ -70,8 +70,16 @@ def test_evaluate_run_writes_metrics_summary_and_figures(tmp_path):
     assert first["cpg"] == pytest.approx(10 * 0.5 * 36 / 120, abs=0.05)
     assert first["full/auc"] == pytest.approx(1.0)  # the positive map is exactly the blob inside the box
     assert first["full/hit@1"] == 1.0
-    assert first["lpips"] is None and "lpips" in first["cf_failed"]  # no LPIPS metric given
-    assert first["cf_score"] == 5 - len(first["cf_failed"])
+    # no LPIPS metric given: its criterion is unavailable, never failed, and the item stays counted
+    assert first["lpips"] is None and first["cf_unavailable"] == ["lpips"] and "lpips" not in first["cf_failed"]
+    assert first["cf_score"] == 5 - len(first["cf_failed"]) - 1
+    acceptance = summary["all"]["acceptance"]
+    assert acceptance["n"] == 2 and acceptance["accepted"] == 0
+    assert acceptance["rejected"] + acceptance["undetermined"] == 2
+    assert summary["all"]["criteria"]["lpips"] == {"n": 2, "passed": 0, "failed": 0, "unavailable": 2,
+                                                   "not_applicable": 0}
+    if acceptance["undetermined"]:
+        assert acceptance["rate"] is None and acceptance["bounds"][1] > acceptance["bounds"][0]
     assert summary["all"]["count"] == 2 and summary["verified"]["count"] == 1
     assert summary["all"]["mean"]["cpg"] == pytest.approx(np.mean([r["cpg"] for r in rows]))
     stored = json.loads((run / "summary.json").read_text())
@@ -128,7 +136,8 @@ def test_cli_specs(tmp_path, monkeypatch):
     from cyclex.specs.scorers import load_classifier_spec, load_encoder_spec, load_lpips_spec
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    assert load_lpips_spec("auto") is None  # no AlexNet weights here: skipped with a warning
+    with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth"):
+        load_lpips_spec("auto")  # no AlexNet weights here: an error, never a silent skip
     assert load_lpips_spec("none") is None
     with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth"):
         load_lpips_spec("alex")
@@ -176,3 +185,61 @@ def test_evaluate_a_run_folder_written_by_the_engine(tmp_path):
     assert heart["cpg"] > 5  # the heart region darkened by about 0.7 -> logit drop of about 7
     assert "full/auc" not in rows["Pleural Effusion"]  # no mask for it
     assert summary["all"]["count"] == len(rows)
+
+
+def test_unavailable_and_not_applicable_criteria_are_counted(tmp_path):
+    """A finding the classifier has no class for keeps its item in the denominator (CPG and FET
+    unavailable); a threshold that belongs to another encoder makes its criteria not applicable."""
+    run = make_run(tmp_path)
+
+    class CardiomegalyOnly(BlobClassifier):
+        class_names = ("Cardiomegaly",)
+
+        def __call__(self, images):
+            return super().__call__(images)[:, :1]
+
+    summary = evaluate_run(run, classifier=CardiomegalyOnly(),
+                           config=EvaluationConfig(draw_figures=False, not_applicable=("clip", "fet")))
+    rows = {r["finding"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert rows["Pleural Effusion"]["cf_unavailable"] == ["lpips", "cpg"]
+    assert rows["Pleural Effusion"]["cf_not_applicable"] == ["clip", "fet"]
+    assert rows["Cardiomegaly"]["cf_unavailable"] == ["lpips"]
+    criteria = summary["all"]["criteria"]
+    assert criteria["cpg"]["unavailable"] == 1 and criteria["cpg"]["n"] == 2
+    assert criteria["clip"]["not_applicable"] == 2 and criteria["fet"]["not_applicable"] == 2
+    assert summary["all"]["acceptance"]["n"] == 2  # nothing dropped
+    assert summary["provenance"]["scorers"]["cpg_classifier"]["name"].endswith("CardiomegalyOnly")
+    assert summary["provenance"]["git_commit"]
+
+
+def test_non_demo_runs_never_get_phantom_scorers_by_default(tmp_path, monkeypatch):
+    from cyclex.specs import scorers
+    from cyclex.specs.scorers import ScorerUnavailableError, resolve_scorer_specs
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(scorers, "_cached_clip", lambda: None)  # whatever this machine's Hugging Face cache holds
+    assert resolve_scorer_specs(demo=True) == ("phantom", "classifier", "stand-in")
+    with pytest.raises(ScorerUnavailableError) as missing:
+        resolve_scorer_specs(demo=False)
+    for flag in ("--classifier xrv:WEIGHTS::PATH", "--encoder clip:PATH_OR_ID", "--lpips alex:PATH"):
+        assert flag in str(missing.value)
+    assert resolve_scorer_specs("none", "none", "none", demo=False) == ("none", "none", "none")
+    run = make_run(tmp_path)
+    (run / "run_config.json").write_text(json.dumps({"generator": "hf:/models/gen"}))
+    refused = CliRunner().invoke(app, ["evaluate", str(run)])
+    assert refused.exit_code == 1 and "--classifier" in refused.output
+    assert not (run / "metrics.jsonl").exists()  # stopped before scoring anything
+
+
+def test_table2_thresholds_do_not_apply_to_other_encoders():
+    from cyclex.provenance import STAND_IN_LPIPS
+    from cyclex.specs.scorers import TABLE2_THRESHOLDS_SOURCE, criteria_not_applicable
+
+    features = BlobClassifier()
+    features.provenance = {"name": "xrv", "kind": "xrv", "roles": {"clip_encoder": {"kind": "xrv-features"}}}
+    stand_in = type("StandIn", (), {"provenance": {"name": STAND_IN_LPIPS, "kind": "stand-in"}})()
+    clip = type("Clip", (), {"provenance": {"name": "CLIP", "kind": "clip"}})()
+    assert criteria_not_applicable(features, None, TABLE2_THRESHOLDS_SOURCE) == ("clip", "fet")
+    assert criteria_not_applicable(clip, stand_in, TABLE2_THRESHOLDS_SOURCE) == ("lpips",)
+    assert criteria_not_applicable(features, stand_in, {"kind": "file"}) == ()  # calibrated for them

@@ -41,7 +41,16 @@ def test_cf_score_by_hand_and_strict_thresholds():
     assert not mixed.accepted
     loose = CFThresholds(lpips=0.5, cpg=0.0)
     assert cf_score(0.3, 0.95, 0.1, 0.05, 4.5, thresholds=loose).score == 5
-    assert cf_score(float("nan"), 0.95, 0.1, 0.5, 5.0).failed == ["lpips"]  # uncomputed metric never passes
+    # an uncomputed metric never passes, and is reported unavailable, not failed
+    no_value = cf_score(float("nan"), 0.95, 0.1, 0.5, 5.0)
+    assert (no_value.score, no_value.failed, no_value.unavailable) == (4, [], ["lpips"])
+    assert not no_value.accepted and not no_value.determined
+    assert cf_score(float("nan"), 0.95, 0.4, 0.5, 5.0).determined  # rejected on l2 whatever LPIPS says
+    # a threshold set for another scorer: not applicable, never passed, never failed
+    other_encoder = cf_score(0.1, 0.95, 0.1, 0.5, 5.0, not_applicable=("clip", "fet"))
+    assert (other_encoder.score, other_encoder.failed, other_encoder.not_applicable) == (3, [], ["clip", "fet"])
+    with pytest.raises(ValueError, match="unknown criteria"):
+        cf_score(0.1, 0.95, 0.1, 0.5, 5.0, not_applicable=("cosine",))
 
 
 class MeanEncoder:
@@ -68,9 +77,15 @@ def test_counterfactual_scorer_with_hand_set_models():
     assert v["clip_cosine"] == pytest.approx(float(a @ b), rel=1e-6)
     assert v["fet"] == pytest.approx(1.0 - math.log(v["clip_l1"] * v["clip_l2"]), rel=1e-5)
     assert result.score == 5 and result.to_dict()["values"]["cpg"] == v["cpg"]
-    # without LPIPS its criterion fails and says so
+    # without LPIPS its criterion is unavailable and says so
     (no_lpips,) = CounterfactualScorer(MeanEncoder(), classifier).score(factual, counterfactual, "Cardiomegaly")
-    assert no_lpips.failed == ["lpips"] and no_lpips.score == 4
+    assert no_lpips.unavailable == ["lpips"] and no_lpips.failed == [] and no_lpips.score == 4
+    # a finding the classifier has no class for: CPG and FET unavailable, the item still scored
+    (no_class,) = scorer.score(factual, counterfactual, "Edema")
+    assert no_class.unavailable == ["cpg", "fet"] and no_class.score == 3 and not no_class.accepted
+    described = CounterfactualScorer(MeanEncoder(), classifier, not_applicable=("clip", "fet")).describe()
+    assert described["lpips"]["note"] == "no LPIPS metric: criterion unavailable"
+    assert described["clip_encoder"]["name"].endswith("MeanEncoder") and described["not_applicable"] == ["clip", "fet"]
 
 
 def test_directional_filter_keeps_at_and_above_point_one():

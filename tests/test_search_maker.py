@@ -218,7 +218,8 @@ def test_cli_explain_variant_nti_search(tmp_path):
     args = ["explain", "--generator", "python:cycle_fakes:brightness_reports", "--tailored", str(tailored),
             "--images", str(images), "--out", str(out), "--steps", str(STEPS),
             "--labeler", "python:cycle_fakes:KeywordLabeler", "--variant", "nti", "--search",
-            "--classifier", f"phantom:{tmp_path / 'clf'}", "--lpips", "stand-in", "--thresholds", str(thresholds),
+            "--classifier", f"phantom:{tmp_path / 'clf'}", "--encoder", "classifier", "--lpips", "stand-in",
+            "--thresholds", str(thresholds),
             "--search-strengths", "1.0", "--search-guidances", "7,9", "--null-settings", "underfit",
             "--required-score", "5", "--search-guidance-batch", "1"]
     result = CliRunner().invoke(app, args)

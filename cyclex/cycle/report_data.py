@@ -1,8 +1,9 @@
 """The data of cyclex's HTML reports, prepared from run folders as plain dicts (no HTML here).
 
 `run_page_data(RUN, PAGE)` gathers what one run's page shows: the generator and settings, the Cyclic
-Rate overall and per finding (summary.json), the metric means and figures of `cyclex evaluate` when
-present, and one item per image x removed finding (its images, the reports before and after split
+Rate overall and per finding (summary.json), who made the numbers (`provenance_rows`: cyclex version,
+commit, libraries, device, date, and the scorer behind each figure, stand-ins named as such), the
+metric means and figures of `cyclex evaluate` when present, and one item per image x removed finding (its images, the reports before and after split
 into highlighted segments, the verdict, collateral changes, the item's metrics).
 `comparison_page_data({"clean": RUN_A, "shortcut": RUN_B}, PAGE)` gathers the side-by-side audit of
 several generators on the same images. `cyclex.cycle.report_html` renders both with jinja2.
@@ -45,6 +46,7 @@ __all__ = [
     "highlight_report",
     "generated_at",
     "load_run",
+    "provenance_rows",
     "resolve_mentions",
     "run_page_data",
 ]
@@ -263,6 +265,44 @@ def _figures(page_dir: Path, root: Path, summary: Mapping[str, Any]) -> list[dic
     return [{"caption": caption, "href": _href(page_dir, path)} for path, caption in paths.items()]
 
 
+def _scorer_text(described: Any) -> str:
+    """One scorer's description as a line: its name (or rule), weights and their sha256, stand-in or not."""
+    if not isinstance(described, Mapping):
+        return _setting_text(described)
+    parts = [str(described.get("name") or described.get("rule") or described.get("note") or "-")]
+    if described.get("weights"):
+        parts.append(f"weights {described['weights']}")
+    digest = described.get("weights_sha256") or described.get("in_memory_weights_sha256")
+    if isinstance(digest, str):
+        parts.append(f"sha256 {digest[:12]}")
+    if described.get("stand_in"):
+        parts.append("(stand-in)")
+    return ", ".join(parts)
+
+
+def provenance_rows(summary: Mapping[str, Any]) -> list[dict[str, str]]:
+    """(key, value) rows of summary.json's "provenance" (the run) and "metrics"."provenance" (`cyclex evaluate`)."""
+    rows: list[dict[str, str]] = []
+    blocks = [("run", summary.get("provenance"))]
+    if isinstance(summary.get("metrics"), Mapping):
+        blocks.append(("evaluate", summary["metrics"].get("provenance")))
+    for label, block in blocks:
+        if not isinstance(block, Mapping):
+            continue
+        commit = f"{block.get('git_commit')}{' (uncommitted changes)' if block.get('git_dirty') else ''}"
+        versions = ", ".join(f"{k} {v}" for k, v in (block.get("versions") or {}).items())
+        rows += [{"key": f"{label}: cyclex", "value": f"{block.get('cyclex_version')}, commit {commit}"},
+                 {"key": f"{label}: libraries", "value": versions},
+                 {"key": f"{label}: device, date", "value": f"{block.get('device')}, {block.get('date')}"}]
+        for role, described in (block.get("scorers") or {}).items():
+            if role == "cf_score" and isinstance(described, Mapping):  # a search's scorers, one row each
+                for inner, value in described.items():
+                    rows.append({"key": f"{label}: search {inner}", "value": _scorer_text(value)})
+            else:
+                rows.append({"key": f"{label}: {role}", "value": _scorer_text(described)})
+    return rows
+
+
 def _per_finding(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for finding, entry in sorted(summary.get("per_finding", {}).items(), key=lambda kv: _finding_order(kv[0])):
@@ -339,6 +379,7 @@ def run_page_data(run: str | os.PathLike, page: str | os.PathLike, *,
         generator=settings.get("generator"),
         generated=generated_at(),
         settings=[{"key": str(k), "value": _setting_text(v)} for k, v in sorted(settings.items())],
+        provenance=provenance_rows(summary),
         summary=summary,
         overall_rate=format_rate(summary.get("cyclic_rate")),
         per_finding=_per_finding(summary),
@@ -381,6 +422,7 @@ def comparison_page_data(runs: Mapping[str, str | os.PathLike], page: str | os.P
             "n_collateral_added": summary.get("n_collateral_added"),
             "n_collateral_lost": summary.get("n_collateral_lost"),
             "metric_summary": _metric_summary(summary),
+            "provenance": provenance_rows(summary),
         })
     all_findings = sorted({f for r in loaded.values() for f in r["summary"].get("per_finding", {})}, key=_finding_order)
     per_finding = []

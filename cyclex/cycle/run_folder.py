@@ -71,6 +71,7 @@ from cyclex.cycle.settings import ExplainSettings
 from cyclex.explain.overlays import draw_frame, normalize_map, show_map_on_image
 from cyclex.findings import ABNORMALITIES, canonical_finding, finding_slug
 from cyclex.jsonl import to_json_safe
+from cyclex.provenance import run_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def _write_item(out: Path, record: Mapping[str, Any], result: CycleResult, setti
         target = rel / "mask.png"
         write_bytes_atomic(out / target, mask_path.read_bytes())
         line["mask_png"] = str(target)
-    for key in ("shortcut", "shortcut_box"):
+    for key in ("shortcut", "shortcut_box", "alignment_chest_box"):
         if key in record:
             line[key] = to_json_safe(record[key])
     if record.get("shortcut_mask"):  # phantoms: where the spurious marker is, for shortcut audits
@@ -275,6 +276,8 @@ def _write_results(out: Path, records: Sequence[Mapping[str, Any]], config: Mapp
         "settings": dict(config),
         "seconds_this_run": round(seconds, 3),
         "results": RESULTS_NAME,
+        # who made these numbers: cyclex version, commit, libraries, device, date, labeler, frame rule, scorers
+        "provenance": run_provenance(config),
     }
     write_json_atomic(out / SUMMARY_NAME, summary)
     return summary
@@ -435,6 +438,7 @@ def run_explain(
         "tailored": str(Path(tailored_dir).resolve()),
         "checkpoint": None if searching else settings.checkpoint,
         "images_source": source,
+        **({"scorers": scorer.describe()} if callable(getattr(scorer, "describe", None)) else {}),
     }
     return run_explainer(explainer, records, out, findings=settings.findings, batch_size=settings.batch_size,
                          image_size=settings.image_size, overwrite=overwrite, progress=progress,
