@@ -43,6 +43,15 @@ class DifferenceReference(str, Enum):
     reconstruction = "reconstruction"
 
 
+class FitMode(str, Enum):
+    """How `explain` fits queries to the tailored SD's side (see `cyclex.cycle.image_fit`)."""
+
+    pad = "pad"
+    crop = "crop"
+    stretch = "stretch"
+    none = "none"
+
+
 @app.callback()
 def main() -> None:
     """cyclex command line."""
@@ -179,7 +188,13 @@ def explain(
                                          help="stretch |I - CF| to a maximum of 255 before thresholding"),
     map_blur: int = typer.Option(5, "--map-blur", help="Gaussian kernel (odd) smoothing the positive difference "
                                  "map, as the frame is smoothed; 1 keeps the raw max(I - CF, 0)"),
-    image_size: int = typer.Option(None, "--image-size", help="resize inputs to this side (needed for mixed sizes)"),
+    image_size: int = typer.Option(None, "--image-size", help="side every query is fitted to (default: the "
+                                   "tailored SD's resolution, from its cyclex_tailored.json)"),
+    resize: FitMode = typer.Option(FitMode.pad, "--resize", case_sensitive=False,
+                                   help="how queries of another size or shape are fitted: pad (keep the aspect "
+                                   "ratio, pad the short side), crop (keep it, centre-crop the long side), "
+                                   "stretch, or none (use them as they come); maps and frames are also drawn "
+                                   "on the original image (difference_original.png, frame_original.png)"),
     estimate_chest_box: bool = typer.Option(False, "--estimate-chest-box/--no-estimate-chest-box",
                                             help="mask maps to an Otsu chest box when the input gives none"),
     difference_reference: DifferenceReference = typer.Option(
@@ -253,7 +268,7 @@ def explain(
             maker_kwargs["attention_control"] = AttentionControlConfig(mode=attention_control, local_blend=local_blend)
         settings = ExplainSettings(
             variant=variant, checkpoint=checkpoint, steps=steps, guidance=guidance, strength=strength,
-            findings=tuple(names) or None, batch_size=batch_size, image_size=image_size,
+            findings=tuple(names) or None, batch_size=batch_size, image_size=image_size, resize=resize.value,
             difference_reference=difference_reference.value, device=device, search=search_grid,
             frames=FrameSettings(threshold=threshold, normalize=frame_normalize, map_blur=map_blur,
                                  estimate_chest_boxes=estimate_chest_box),

@@ -20,7 +20,9 @@ EDEMA = (2, 8, 24, 30)
 
 
 def region_mean(images: torch.Tensor, box) -> torch.Tensor:
-    y0, y1, x0, x1 = box
+    """Mean of a SIZE-pixel box, scaled to the images' side (the engine fits queries to the SD's side)."""
+    scale = images.shape[-1] / SIZE
+    y0, y1, x0, x1 = (round(v * scale) for v in box)
     return images[:, 0, y0:y1, x0:x1].mean(dim=(1, 2))
 
 

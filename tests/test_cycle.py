@@ -131,10 +131,12 @@ def test_cycle_with_the_ddim_maker_inverts_each_image_once(pipe):
 def test_from_pretrained_reads_the_tailored_metadata(tmp_path, pipe):
     pipe.save_pretrained(tmp_path)
     (tmp_path / "cyclex_tailored.json").write_text(json.dumps({
-        "vocabulary": [], "prompt_template": "prism", "sample_size": 64, "uncertain_as_present": False}))
+        # queries are fitted to sample_size; the fake generator reads regions of 32-pixel images
+        "vocabulary": [], "prompt_template": "prism", "sample_size": 32, "uncertain_as_present": False}))
     explainer = CyclicExplainer.from_pretrained(tmp_path, generator=brightness_generator(), labeler=KeywordLabeler(),
                                                 num_inference_steps=3, guidance_scale=5.0)
     assert explainer.template == "prism" and explainer.uncertain_as_present is False
+    assert explainer.image_size == 32 and explainer.resize == "pad"
     assert isinstance(explainer.maker, DDIMCounterfactualMaker)
     assert explainer.maker.settings()["guidance"] == 5.0
     assert explainer.maker.checkpoint_id.endswith("::best_psnr")

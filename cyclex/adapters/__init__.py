@@ -13,6 +13,7 @@ from cyclex.adapters.base import (
 )
 from cyclex.adapters.callable import CallableGenerator, generate_in_batches
 from cyclex.adapters.hf import HFImageToTextGenerator
+from cyclex.adapters.inputs import as_image_batch
 from cyclex.adapters.r2gen import R2GenCMNGenerator, R2GenGenerator
 from cyclex.image_checks import check_image_batch
 
@@ -24,6 +25,7 @@ __all__ = [
     "R2GenCMNGenerator",
     "R2GenGenerator",
     "ReportGenerator",
+    "as_image_batch",
     "check_image_batch",
     "check_reports",
     "generate_in_batches",

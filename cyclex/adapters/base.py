@@ -2,9 +2,9 @@
 
 Image convention shared by all of cyclex: a batch of grayscale X-rays is a float32 tensor of shape
 (B, 1, H, W) with values in [0, 1]. Multi-view generators (R2Gen on iu_xray) take (B, V, 1, H, W);
-given a single-view batch they repeat the view. Each adapter converts to what its model needs
-(RGB, resize, normalisation) inside `generate`, after `cyclex.image_checks.check_image_batch(images,
-views=True)` (what `generate_in_batches` does).
+given a single-view batch they repeat the view. The adapters' `generate` also take paths, PIL images
+and numpy arrays (`cyclex.adapters.inputs.as_image_batch`, what `generate_in_batches` calls first) and
+convert to what their model needs (RGB, resize, normalisation).
 """
 
 from __future__ import annotations

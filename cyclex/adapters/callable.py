@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from cyclex.adapters.base import GeneratorError, GeneratorInfo, check_reports
-from cyclex.image_checks import check_image_batch
+from cyclex.adapters.inputs import as_image_batch
 
 logger = logging.getLogger(__name__)
 
@@ -20,15 +20,18 @@ ReportFunction = Callable[[torch.Tensor], "list[str]"]
 
 
 def generate_in_batches(
-    name: str, images: torch.Tensor, batch_size: int | None, generate_batch: ReportFunction
+    name: str, images, batch_size: int | None, generate_batch: ReportFunction,
+    *, mixed_sizes_to: tuple[int, int] | None = None,
 ) -> list[str]:
     """Run `generate_batch` over `images` in chunks of `batch_size` (None = all at once).
 
-    images: (B, 1, H, W) or (B, V, 1, H, W) float in [0, 1], checked here.
+    images: paths, PIL images, arrays or tensors (`cyclex.adapters.inputs`), turned here into
+    (B, 1, H, W) (or a (B, V, 1, H, W) tensor of studies) float in [0, 1]. mixed_sizes_to: (H, W)
+    images of different sizes are resized to (the model's input size; None refuses them).
     Returns B strings. Any exception raised by `generate_batch`, or an answer that is not a list of
     one string per image, becomes a `GeneratorError` naming the generator and the failing chunk.
     """
-    images = check_image_batch(images, views=True)
+    images = as_image_batch(images, views=True, size=mixed_sizes_to)
     total = images.shape[0]
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
@@ -54,7 +57,8 @@ def generate_in_batches(
 class CallableGenerator:
     """A report generator made from a plain function.
 
-    fn: takes a float32 tensor (B, 1, H, W) (or (B, V, 1, H, W)) in [0, 1] and returns B strings.
+    fn: takes a float32 tensor (B, 1, H, W) (or (B, V, 1, H, W)) in [0, 1] and returns B strings;
+        `generate` hands it that whatever it was given (paths, PIL images, arrays, tensors).
     info: what cyclex should know about it; default: name from the function, any input size.
     batch_size: call `fn` on chunks of at most this many images (None: the whole batch at once).
     """
@@ -71,9 +75,11 @@ class CallableGenerator:
         self.info = info
         self.batch_size = batch_size
 
-    def generate(self, images: torch.Tensor) -> list[str]:
-        """images: (B, 1, H, W) or (B, V, 1, H, W) float in [0, 1] -> B report strings."""
-        return generate_in_batches(self.info.name, images, self.batch_size, self.fn)
+    def generate(self, images) -> list[str]:
+        """images: paths, PIL images, arrays or (B, 1, H, W) tensors in [0, 1] (`cyclex.adapters.inputs`)
+        -> B report strings."""
+        return generate_in_batches(self.info.name, images, self.batch_size, self.fn,
+                                   mixed_sizes_to=self.info.input_size)
 
     def __repr__(self) -> str:
         return f"CallableGenerator({self.info.name!r})"

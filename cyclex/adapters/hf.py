@@ -215,9 +215,11 @@ class HFImageToTextGenerator:
         return (int(shortest), int(shortest)) if shortest else None
 
     # ------------------------------------------------------------------ generation
-    def generate(self, images: torch.Tensor) -> list[str]:
-        """images: (B, 1, H, W) float in [0, 1] (multi-view: the first view is used) -> B reports."""
-        return generate_in_batches(self.info.name, images, self.batch_size, self._generate_batch)
+    def generate(self, images) -> list[str]:
+        """images: paths, PIL images, arrays or (B, 1, H, W) tensors in [0, 1] (`cyclex.adapters.inputs`;
+        multi-view: the first view is used) -> B reports. Mixed sizes go in at the processor's size."""
+        return generate_in_batches(self.info.name, images, self.batch_size, self._generate_batch,
+                                   mixed_sizes_to=self.info.input_size)
 
     def _single_view(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim == 5:

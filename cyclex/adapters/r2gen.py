@@ -349,10 +349,12 @@ class R2GenGenerator:
         self.info = GeneratorInfo(name=name, input_size=INPUT_SIZE, channels=3, mean=IMAGENET_MEAN,
                                   std=IMAGENET_STD, views_per_study=self.views)
 
-    def generate(self, images: torch.Tensor) -> list[str]:
-        """images: (B, 1, H, W) or (B, V, 1, H, W) float in [0, 1] -> B reports (the repo's
-        cleaned lower-case text, e.g. "the heart is normal in size .")."""
-        return generate_in_batches(self.info.name, images, self.batch_size, self._generate_batch)
+    def generate(self, images) -> list[str]:
+        """images: paths, PIL images, arrays, (B, 1, H, W) or (B, V, 1, H, W) tensors in [0, 1]
+        (`cyclex.adapters.inputs`) -> B reports (the repo's cleaned lower-case text, e.g. "the heart
+        is normal in size .")."""
+        return generate_in_batches(self.info.name, images, self.batch_size, self._generate_batch,
+                                   mixed_sizes_to=self.info.input_size)
 
     @torch.no_grad()
     def _generate_batch(self, images: torch.Tensor) -> list[str]:

@@ -13,6 +13,11 @@
    maker redraws it with its own prompt (one extra maker call per image), so that what the
    autoencoder / sampler cannot reproduce does not light up the maps.
 The engine never branches on the maker's variant: any `CounterfactualMaker` plugs in.
+
+Inputs: paths, PIL images, numpy arrays or tensors (`cyclex.adapters.inputs`), of any size: each
+query is fitted to the tailored SD's side (`image_size`, from the folder's `sample_size`) keeping its
+aspect ratio, by padding (default) or cropping (`cyclex.cycle.image_fit`); each result carries that
+`ImageFit` and the original query, so maps and frames can be drawn on the image as it came.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from cyclex.adapters.inputs import as_image_list
 from cyclex.counterfactuals.base import CounterfactualMaker
+from cyclex.cycle.image_fit import DEFAULT_FIT, ImageFit, check_fit_mode, fit_image
 from cyclex.explain.frames import (
     DEFAULT_BLUR,
     DEFAULT_K,
@@ -59,6 +66,9 @@ class CycleResult:
     difference = R - CF, positive = max(R - CF, 0) and the frame come from R and CF.
     verified: the regenerated report no longer has the finding (the cycle holds).
     collateral_added / collateral_lost: other findings that appeared / disappeared.
+    fit: how the query as given became `query` (pad / crop / stretch to the SD's side); original: the
+    query as given (H0, W0), only when the fit changed it (None otherwise). `fit.to_original(map)` and
+    `fit.frame_to_original(frame)` bring maps and frames onto it.
     """
 
     image_index: int
@@ -82,6 +92,8 @@ class CycleResult:
     maker_details: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     reference: np.ndarray | None = field(default=None, repr=False)
+    fit: ImageFit | None = None
+    original: np.ndarray | None = field(default=None, repr=False)
 
     def to_record(self) -> dict[str, Any]:
         """JSON-serialisable summary (no arrays)."""
@@ -100,6 +112,7 @@ class CycleResult:
             "chest_box": list(self.chest_box) if self.chest_box is not None else None,
             "frame": self.frame.to_dict(),
             "difference_reference": "query" if self.reference is None else "reconstruction",
+            "fit": self.fit.to_dict() if self.fit is not None else None,
             "maker": self.maker_details,
         }
 
@@ -134,30 +147,27 @@ def load_xray(path: str | Path) -> np.ndarray:
     return read_image(path)
 
 
-def images_to_batch(images, image_size: int | None = None) -> torch.Tensor:
-    """A (B, 1, H, W) float32 tensor in [0, 1] from a tensor, a list of arrays or a list of paths."""
-    import torch.nn.functional as F
+def fit_images(images, image_size: int | None = None, resize: str = DEFAULT_FIT) -> tuple[torch.Tensor, list[ImageFit]]:
+    """Queries of any accepted kind and size -> ((B, 1, S, S) float32 in [0, 1], one `ImageFit` each).
 
-    if isinstance(images, torch.Tensor):
-        batch = images.float()
-        if batch.ndim == 3:
-            batch = batch[:, None]
-    else:
-        arrays = [load_xray(p) if isinstance(p, (str, Path)) else np.asarray(p, np.float32).squeeze() for p in images]
-        if not arrays:
-            raise ValueError("no images given")
-        tensors = [torch.from_numpy(np.ascontiguousarray(a))[None, None] for a in arrays]
-        if image_size is not None:
-            tensors = [F.interpolate(t, size=(image_size, image_size), mode="bilinear", antialias=True,
-                                     align_corners=False) for t in tensors]
-        shapes = {tuple(t.shape[-2:]) for t in tensors}
-        if len(shapes) > 1:
-            raise ValueError(f"images of one batch differ in size {sorted(shapes)}; pass image_size to resize them")
-        batch = torch.cat(tensors)
-    check_image_batch(batch)  # shape first: the resize below needs (B, 1, H, W)
-    if image_size is not None and tuple(batch.shape[-2:]) != (image_size, image_size):
-        batch = F.interpolate(batch, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-    return check_image_batch(batch)
+    image_size: the side S (None: as they come); resize: "pad", "crop", "stretch" or "none"
+    (`cyclex.cycle.image_fit`). With "none" (or no side) every query must have the same size.
+    """
+    check_fit_mode(resize)
+    fitted = [fit_image(item, image_size, resize) for item in as_image_list(images)]
+    shapes = sorted({tuple(t.shape[-2:]) for t, _ in fitted})
+    if len(shapes) > 1:
+        raise ValueError(f"images of one batch differ in size {shapes[:6]}; fit them to one side: "
+                         "resize='pad' or 'crop' with image_size (--resize / --image-size)")
+    return check_image_batch(torch.cat([t for t, _ in fitted])), [fit for _, fit in fitted]
+
+
+def images_to_batch(images, image_size: int | None = None, resize: str = "stretch") -> torch.Tensor:
+    """A (B, 1, H, W) float32 tensor in [0, 1] from paths, PIL images, arrays or tensors.
+
+    image_size: resize to this square side, by `resize` ("stretch": both sides, as before fits existed).
+    """
+    return fit_images(images, image_size, resize)[0]
 
 
 class CyclicExplainer:
@@ -177,6 +187,9 @@ class CyclicExplainer:
     frame against R, the query redrawn by the maker with its source prompt under the same settings and
     seed (R - CF), which isolates the prompt edit from what the VAE / sampler cannot reproduce. Needs a
     maker with `reconstructs_with_fixed_settings` (not the search, which picks settings per finding).
+    image_size: the side S every query is fitted to (`from_pretrained`: the tailored SD's sample_size;
+    None: queries go in as they come). resize: how ("pad" keeps the whole image, "crop" the centre,
+    "stretch" changes the aspect ratio, "none" refuses queries of another size than the first's).
     """
 
     def __init__(
@@ -196,6 +209,8 @@ class CyclicExplainer:
         estimate_chest_boxes: bool = False,
         seed: int = 0,
         difference_reference: str = "query",
+        image_size: int | None = None,
+        resize: str = DEFAULT_FIT,
     ) -> None:
         if not isinstance(maker, CounterfactualMaker):
             raise TypeError(f"maker must be a CounterfactualMaker, got {type(maker).__name__}")
@@ -227,6 +242,10 @@ class CyclicExplainer:
         self.estimate_chest_boxes = bool(estimate_chest_boxes)
         self.seed = int(seed)
         self.difference_reference = difference_reference
+        if image_size is not None and int(image_size) < 1:
+            raise ValueError(f"image_size must be a positive side in pixels or None, got {image_size}")
+        self.image_size = None if image_size is None else int(image_size)
+        self.resize = check_fit_mode(resize)
         # makers that verify candidates themselves (the search) use our cycle; a no-op for the others
         maker.bind_cycle(generator, labeler, self.uncertain_as_present)
 
@@ -280,6 +299,8 @@ class CyclicExplainer:
             "uncertain_as_present": bool(metadata.get("uncertain_as_present", True)),
             **dict(explainer_kwargs or {}),
         }
+        if kwargs.get("image_size") is None:  # queries are fitted to the side the tailored SD was trained at
+            kwargs["image_size"] = int(metadata["sample_size"])
         return cls(generator, labeler, maker, **kwargs)
 
     def settings(self) -> dict[str, Any]:
@@ -299,6 +320,8 @@ class CyclicExplainer:
             "estimate_chest_boxes": self.estimate_chest_boxes,
             "seed": self.seed,
             "difference_reference": self.difference_reference,
+            "image_size": self.image_size,
+            "resize": self.resize,
         }
 
     # -- the cycle -------------------------------------------------------------------------------
@@ -348,15 +371,21 @@ class CyclicExplainer:
         image_ids: Sequence[str] | None = None,
         image_size: int | None = None,
     ) -> list[CycleResult]:
-        """images (B, 1, H, W) in [0, 1] or B image paths -> one CycleResult per removed finding.
+        """B queries -> one CycleResult per removed finding.
 
+        images: paths, PIL images, numpy arrays, (B, 1, H, W) tensors in [0, 1] or a list of them
+        (`cyclex.adapters.inputs`), any size: each is fitted to `image_size` (default: the
+        explainer's, the tailored SD's side) by the explainer's `resize` rule.
         findings: None = every present finding; a list = those names (where present) for every
-        image; a list of lists = per image. chest_boxes: (x0, y0, x1, y1) or None per image.
+        image; a list of lists = per image. chest_boxes: (x0, y0, x1, y1) or None per image, in the
+        pixels of the query as given (results record them on the fitted S x S image).
         """
         timings: dict[str, float] = {}
-        # 1. Generate, label, prompt
+        # 1. Fit the queries to the SD's side; generate, label, prompt
         tick = time.perf_counter()
-        batch = images_to_batch(images, image_size=image_size)
+        originals = as_image_list(images)
+        side = image_size if image_size is not None else self.image_size
+        batch, fits = fit_images(originals, side, self.resize)
         b = batch.shape[0]
         ids = [str(x) for x in image_ids] if image_ids is not None else [str(i) for i in range(b)]
         if len(ids) != b:
@@ -409,7 +438,7 @@ class CyclicExplainer:
             cf = counterfactuals[j, 0].cpu().numpy()
             box = None
             if chest_boxes is not None and chest_boxes[i] is not None:
-                box = tuple(int(v) for v in chest_boxes[i])
+                box = fits[i].box_to_fitted(chest_boxes[i])
             elif self.estimate_chest_boxes:
                 box = estimate_chest_box(query)
             reference = references.get(i)
@@ -432,7 +461,8 @@ class CyclicExplainer:
                 query=query, counterfactual=cf, difference=signed, positive=positive, frame=frame,
                 chest_box=box, maker_details=details,
                 extras={k: v[j].detach().cpu().numpy() for k, v in made.extras.items()},
-                reference=reference,
+                reference=reference, fit=fits[i],
+                original=None if fits[i].identity else originals[i][0, 0].numpy(),
             ))
         timings["frames"] = time.perf_counter() - tick
         share = {k: round(v / len(plan), 4) for k, v in timings.items()}

@@ -57,6 +57,7 @@ from cyclex.atomic_io import (
     write_text_atomic,
 )
 from cyclex.cycle.explainer import CycleResult, CyclicExplainer, cyclic_rate
+from cyclex.cycle.original_overlays import write_original_overlays
 from cyclex.cycle.run_ownership import (  # noqa: F401  (RunFolderBusy: re-exported with RunFolderError)
     CONFIG_NAME,
     RunFolderBusy,
@@ -151,6 +152,13 @@ def _check_config(out: Path, config: dict[str, Any], overwrite: bool) -> None:
         if strip(previous) != strip(config):
             changed = sorted(k for k in set(previous) | set(config)
                              if k not in _NON_RESULT_SETTINGS and previous.get(k) != config.get(k))
+        if strip(previous) != strip(config) and not _finished_any_item(out):
+            # the earlier run failed before finishing any item: nothing to keep, so it never locks the folder
+            logger.warning("%s: the run made with other settings (%s) finished no item; starting over with these",
+                           out, ", ".join(changed))
+            remove_run_files(out, state)
+            state = RunFolderState("new")
+        elif strip(previous) != strip(config):
             raise RunSettingsChanged(
                 f"{out} holds a run made with different settings (differs in: {', '.join(changed)}); "
                 "use another --out or pass --overwrite to start over", changed,
@@ -161,6 +169,12 @@ def _check_config(out: Path, config: dict[str, Any], overwrite: bool) -> None:
     if state.kind != "marked":  # a new run (a new run id), or a run folder of an earlier cyclex resumed
         write_marker(out)
     write_json_atomic(path, config)
+
+
+def _finished_any_item(out: Path) -> bool:
+    """Whether a run in `out` finished an item or an image (a record file exists)."""
+    records = out / "records"
+    return records.is_dir() and any(p.suffix == ".json" for p in records.rglob("*"))
 
 
 def _holding_run_lock(run):
@@ -198,6 +212,8 @@ def _write_item(out: Path, record: Mapping[str, Any], result: CycleResult, setti
     if result.reference is not None:  # difference_reference="reconstruction": the maps' reference R
         files["reconstruction"] = rel / "reconstruction.png"
         write_png_atomic(out / files["reconstruction"], result.reference)
+    if result.original is not None:  # the query was fitted to the SD's side: overlays on the image as given
+        files.update(write_original_overlays(out, rel, result))
     for name, array in result.extras.items():
         key = f"{safe_name(name)}_npy"
         files[key] = rel / f"{safe_name(name)}.npy"
@@ -427,7 +443,8 @@ def run_explain(
     explainer = CyclicExplainer.from_pretrained(
         tailored_dir, generator=generator, labeler=labeler, variant=settings.variant, checkpoint=settings.checkpoint,
         device=settings.device,
-        explainer_kwargs={**settings.frames.explainer_kwargs(), "difference_reference": settings.difference_reference},
+        explainer_kwargs={**settings.frames.explainer_kwargs(), "difference_reference": settings.difference_reference,
+                          "image_size": settings.image_size, "resize": settings.resize},
         search=searching, search_kwargs=settings.search.maker_kwargs() if searching else None, scorer=scorer,
         num_inference_steps=settings.steps, guidance_scale=settings.guidance, strength=settings.strength,
         **dict(maker_kwargs or {}),
@@ -441,7 +458,7 @@ def run_explain(
         **({"scorers": scorer.describe()} if callable(getattr(scorer, "describe", None)) else {}),
     }
     return run_explainer(explainer, records, out, findings=settings.findings, batch_size=settings.batch_size,
-                         image_size=settings.image_size, overwrite=overwrite, progress=progress,
+                         image_size=explainer.image_size, overwrite=overwrite, progress=progress,
                          run_settings=run_settings, explain_settings=settings)
 
 

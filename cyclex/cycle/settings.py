@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from cyclex.cycle.explainer import DIFFERENCE_REFERENCES
+from cyclex.cycle.image_fit import check_fit_mode
 from cyclex.explain.frames import DEFAULT_BLUR, DEFAULT_K, DEFAULT_THRESHOLD_CANDIDATES, check_kernel
 
 # run_explain's flat keyword arguments for the frame settings -> FrameSettings fields
@@ -128,7 +129,8 @@ class ExplainSettings:
     strength: float = 1.0  # denoising strength delta in (0, 1]
     findings: tuple[str, ...] | None = None  # only remove these findings (None: every present one)
     batch_size: int = 8  # images per engine batch
-    image_size: int | None = None  # resize inputs to this side first (None: as they come)
+    image_size: int | None = None  # side queries are fitted to (None: the tailored SD's sample_size)
+    resize: str = "pad"  # how: "pad" (keep the aspect ratio, pad), "crop" (keep it, centre-crop), "stretch", "none"
     difference_reference: str = "query"  # maps against the query (I - CF, the paper) or its redraw (R - CF)
     device: str | None = None  # torch device of the tailored SD
     frames: FrameSettings = field(default_factory=FrameSettings)
@@ -146,6 +148,9 @@ class ExplainSettings:
         if self.difference_reference not in DIFFERENCE_REFERENCES:
             raise ValueError(f"ExplainSettings.difference_reference must be one of {DIFFERENCE_REFERENCES}, "
                              f"got {self.difference_reference!r}")
+        if self.image_size is not None and int(self.image_size) < 1:
+            raise ValueError(f"ExplainSettings.image_size must be a positive side in pixels or None, got {self.image_size}")
+        check_fit_mode(self.resize, name="ExplainSettings.resize")
         if self.findings is not None:
             object.__setattr__(self, "findings", tuple(self.findings) or None)
         if not isinstance(self.frames, FrameSettings):
