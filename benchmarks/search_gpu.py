@@ -14,16 +14,18 @@ current device it measures, for one query and one removed finding, median of `--
   {7, 8, 9, 10}) when the first candidate is accepted and when none is, float32. Random weights
   cannot make a real counterfactual, so acceptance is scripted there (a scorer answering a fixed
   CF_Score, a cycle check answering a fixed verdict); the UNet work and its cost are real.
-The figures go under "gpu" in benchmarks/results/search.json (the device named), leaving the CPU
-arms there untouched. `--tiny` runs the same code on the tiny demo-size components (a logic check;
-its numbers mean nothing).
+The figures go to benchmarks/results/search_gpu.json, written only by this script on a GPU, with the
+device name, date, git commit and torch / diffusers versions (`cyclex.provenance.environment`); every
+run starts from scratch and replaces the file (no figure of an earlier run is kept), and the CPU
+benchmark (benchmarks/search.py) never touches it. Without a GPU it refuses to run (`make bench`
+skips it). `--tiny` runs the same code on the tiny demo-size components, on any device, as a logic
+check (its numbers mean nothing); it needs `--out` so that it never writes the GPU results file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -35,7 +37,7 @@ import torch
 from cyclex.atomic_io import write_text_atomic
 from cyclex.findings import StructuredPrompt
 
-RESULTS = Path(__file__).parent / "results" / "search.json"
+RESULTS = Path(__file__).parent / "results" / "search_gpu.json"
 FINDINGS = ("Cardiomegaly", "Pleural Effusion")
 
 
@@ -199,31 +201,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny components (logic check, numbers mean nothing)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help=f"default: {RESULTS} (GPU runs only)")
     parser.add_argument("--only", default=None,
-                        help=f"comma-separated subset of {','.join(MEASUREMENTS)} (default: all); "
-                             "figures of earlier runs on the same device and model are kept")
+                        help=f"comma-separated subset of {','.join(MEASUREMENTS)} (default: all)")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not args.tiny and not device.startswith("cuda"):
-        parser.error("an SD1.5-sized run needs a GPU (pass --tiny for a CPU logic check)")
-    model = "tiny demo-size components (logic check)" if args.tiny else "SD1.5 architecture, random weights"
-    identity = {
-        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
-        "model": model,
-        "torch": torch.__version__,
+        parser.error("an SD1.5-sized run needs a GPU (pass --tiny --out PATH for a CPU logic check)")
+    if args.tiny and (args.out is None or args.out.resolve() == RESULTS.resolve()):
+        parser.error(f"--tiny needs --out PATH: its numbers mean nothing and never go to {RESULTS}")
+    out = args.out or RESULTS
+    from cyclex.provenance import environment
+
+    figures: dict[str, Any] = {
+        "benchmark": "search_gpu",
+        **environment(device),
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "model": "tiny demo-size components (logic check)" if args.tiny else "SD1.5 architecture, random weights",
         "steps": args.steps,
     }
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    previous = results.get("gpu") or {}
-    # a partial run (--only) adds to figures of the same device and model, never mixes two machines
-    figures = dict(previous) if all(previous.get(k) == v for k, v in identity.items()) else {}
-    figures.update(identity)
 
-    def record(key: str, value: Any) -> None:
+    def record(key: str, value: Any) -> None:  # written at once: a long run keeps what it finished
         figures[key] = value
-        results["gpu"] = figures
-        write_text_atomic(args.out, json.dumps(results, indent=2, default=str))
+        write_text_atomic(out, json.dumps(figures, indent=2, default=str))
         print(f"{key}: {value}", flush=True)
 
     only = tuple(name.strip() for name in args.only.split(",")) if args.only else MEASUREMENTS

@@ -11,7 +11,13 @@ import torch
 
 from cyclex.counterfactuals.algorithm1 import algorithm1_search
 from cyclex.counterfactuals.search import MetricGuidedSearch, order_by_success_share
-from cyclex.counterfactuals.search_statistics import SearchSummary, ablation_tables
+from cyclex.counterfactuals.search_statistics import (
+    SearchSummary,
+    ablation_tables,
+    bootstrap_mean_ci,
+    paired_difference_ci,
+    paired_ratio_ci,
+)
 from cyclex.explain.cf_threshold_calibration import (
     calibrate_cf_thresholds,
     load_cf_thresholds,
@@ -245,31 +251,6 @@ def test_bad_configuration_is_rejected():
         MetricGuidedSearch(lambda c, n: None, None, None, guidances=())
 
 
-def test_benchmark_helpers():
-    from benchmarks.search import StandInLPIPS, generator_cycle_check, ratio
-    from cyclex.demo.phantom_classifier import PhantomClassifierConfig, PhantomClassifierNet
-    from cyclex.findings import FindingLabels, LabelState
-
-    torch.manual_seed(0)
-    metric = StandInLPIPS(PhantomClassifierNet(PhantomClassifierConfig()))
-    a, b = torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64)
-    assert torch.allclose(metric(a, a), torch.zeros(2), atol=1e-6)
-    assert (metric(a, b) > 0).all() and torch.allclose(metric(a, b), metric(b, a), atol=1e-5)
-
-    class Generator:
-        def generate(self, images):
-            return ["cardiomegaly" if float(img.mean()) > 0.5 else "normal" for img in images]
-
-    class Labeler:
-        def label(self, reports):
-            return [FindingLabels({"Cardiomegaly": LabelState.POSITIVE} if r == "cardiomegaly" else {}) for r in reports]
-
-    check = generator_cycle_check(Generator(), Labeler())
-    images = torch.stack([torch.ones(1, 4, 4), torch.zeros(1, 4, 4)])
-    assert check(images, ["Cardiomegaly", "Cardiomegaly"]) == [False, True]
-    assert ratio(1.0, 4.0) == 0.25 and ratio(None, 1.0) is None and ratio(1.0, 0.0) is None
-
-
 def test_guidance_batches_stop_at_the_first_accepted_guidance():
     """guidance_batch_size=1: omega 7 alone first; an accepted omega 7 costs one guidance's sampling."""
     first = ("default", "best_l2", 1.0, 7.0)
@@ -311,20 +292,85 @@ def test_ablation_tables_count_failed_criteria():
     assert ablation_tables(logs, required_score=4)["by_strength_guidance"]["delta=1|omega=8"]["score_passed"] == 1
 
 
-def test_gpu_cost_benchmark_logic_on_tiny_components(tmp_path):
-    """benchmarks/search_gpu.py --tiny: every figure measured, the CPU arms of the JSON kept."""
-    from benchmarks.search_gpu import main
+def test_fit_null_per_guidance_refits_at_each_guidance_and_shares_strengths():
+    """Algorithm 1's method (one null-text fit per guidance), one fit per guidance for all strengths."""
+    search, events, _, _ = build({}, set(), fit_null_per_guidance=True)
+    result = search.search(IMAGE, "src", "tgt", FINDING)
+    assert not result.accepted and len(result.attempts) == 2 * 2 * 3 * 4  # the whole grid, as Algorithm 1
+    inversions = [e for e in events if e[0] == "invert"]
+    assert len(inversions) == 2 * 2 * 4  # (null, checkpoint, guidance): Algorithm 1 inverts 48 times
+    assert [e[3] for e in inversions[:4]] == [7.0, 8.0, 9.0, 10.0]  # fitted at the sampling guidance, omega 7 first
+    edits = [e for e in events if e[0] == "edit"]
+    assert edits[:3] == [("edit", "default", "best_l2", s, (7.0,)) for s in (1.0, 0.8, 0.9)]  # omega outer
+    assert result.unet_calls == 16 * 10 + 48 * 2
 
-    out = tmp_path / "search.json"
-    out.write_text(json.dumps({"single_pass": {"acceptance_rate": 0.35}}))
-    assert main(["--tiny", "--steps", "2", "--repeats", "1", "--dtype", "float32", "--device", "cpu",
-                 "--out", str(out)]) == 0
-    results = json.loads(out.read_text())
-    assert results["single_pass"] == {"acceptance_rate": 0.35}
-    gpu = results["gpu"]
-    assert gpu["steps"] == 2 and gpu["image_size"] == 64 and "tiny" in gpu["model"]
-    for key in ("ddim_seconds", "nti_seconds", "negative_prompt_seconds", "direct_seconds",
-                "search_seconds_per_finding_first_accepted", "search_seconds_per_finding_none_accepted"):
-        assert gpu[key] > 0, key
-    # nothing accepted: the search runs the whole grid, far more work than stopping at the first candidate
-    assert gpu["search_seconds_per_finding_none_accepted"] > 5 * gpu["search_seconds_per_finding_first_accepted"]
+
+def test_fit_null_per_guidance_stops_before_fitting_the_next_guidance():
+    target = ("default", "best_l2", 0.8, 7.0)
+    search, events, _, _ = build({target: (5, 1.0)}, {target}, fit_null_per_guidance=True)
+    result = search.search(IMAGE, "src", "tgt", FINDING)
+    assert result.accepted and result.setting["strength"] == 0.8 and result.setting["guidance"] == 7.0
+    assert [e[3] for e in events if e[0] == "invert"] == [7.0]  # one fit served delta 1.0 and 0.8
+    assert result.unet_calls == 10 + 2 * 2
+
+
+def test_same_grid_search_makes_algorithm1s_counterfactuals_with_real_null_text_inversion():
+    """Tiny SD, real NTI: every setting the search tries scores exactly as Algorithm 1's re-inversion."""
+    from cyclex.counterfactuals.inversion_cache import InversionCache
+    from cyclex.counterfactuals.nti import NullTextInversionMaker
+    from cyclex.demo.tiny_sd import TinySDConfig, tiny_sd_pipeline
+
+    torch.manual_seed(0)
+    pipe = tiny_sd_pipeline(TinySDConfig(seed=0))
+    image = torch.rand(1, 32, 32)
+
+    class ValueScorer:  # CF_Score 3 for everything; the raw value is the image mean (a fingerprint)
+        def score(self, factual, counterfactuals, finding):
+            return [CounterfactualScore(score=3, passed={}, failed=["cpg"], values={"mean": float(c.mean())})
+                    for c in counterfactuals]
+
+    def makers():
+        return {"best_l2": NullTextInversionMaker(pipe, 2, checkpoint="best_l2", cache=InversionCache(),
+                                                  inversion_guidance=7.0)}
+
+    grid = {"null_settings": ((1, 1e-5),), "checkpoints": ("best_l2",), "strengths": (1.0, 0.5),
+            "guidances": (7.0, 9.0)}
+    never = lambda images, findings: [False] * len(findings)  # noqa: E731
+    searched = MetricGuidedSearch(makers(), ValueScorer(), never, fit_null_per_guidance=True, **grid).search(
+        image, "src", "tgt", FINDING)
+    written = algorithm1_search(makers(), ValueScorer(), never, image, "src", "tgt", FINDING, **grid)
+
+    def by_setting(result):
+        return {(json.dumps(a["null_setting"]), a["strength"], a["guidance"]): a["values"]["mean"]
+                for a in result.attempts}
+
+    assert by_setting(searched) == by_setting(written) and len(by_setting(written)) == 4
+    assert searched.unet_calls < written.unet_calls  # shared pivot and fits, nothing else
+
+
+def test_bootstrap_intervals_by_hand():
+    assert bootstrap_mean_ci([1.0] * 7) == [1.0, 1.0]
+    values = [1, 0, 0, 1, 1, 0, 0, 0, 1, 0]
+    rng = np.random.default_rng(3)  # the same draws as the function's: (resamples, n) integers
+    idx = rng.integers(0, len(values), size=(500, len(values)))
+    expected = np.percentile(np.asarray(values, float)[idx].mean(axis=1), [2.5, 97.5])
+    assert bootstrap_mean_ci(values, resamples=500, seed=3) == pytest.approx(list(expected))
+    low, high = bootstrap_mean_ci(values)
+    assert low < 0.4 < high and bootstrap_mean_ci(values) == [low, high]  # fixed seed: reproducible
+    with pytest.raises(ValueError, match="at least one finding"):
+        bootstrap_mean_ci([])
+
+
+def test_paired_difference_keeps_the_pairs():
+    a = [1, 1, 0, 0, 1, 0, 1, 1]
+    same = paired_difference_ci(a, a)
+    assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0]  # paired: identical arms never differ
+    b = [1, 0, 0, 0, 1, 0, 0, 1]  # a accepts two findings b misses, b none that a misses
+    d = paired_difference_ci(a, b)
+    assert d["difference"] == pytest.approx(0.25) and d["n_a_only"] == 2 and d["n_b_only"] == 0
+    assert d["ci95"][0] >= 0.0  # every resample: a - b >= 0 on each finding
+    with pytest.raises(ValueError, match="one value per finding"):
+        paired_difference_ci([1, 0], [1])
+    r = paired_ratio_ci([1, 2, 3], [2, 4, 6])
+    assert r["ratio"] == pytest.approx(0.5) and r["ci95"] == pytest.approx([0.5, 0.5])
+    assert paired_ratio_ci([1, 2], [0, 0])["ratio"] is None
