@@ -243,3 +243,42 @@ def test_table2_thresholds_do_not_apply_to_other_encoders():
     assert criteria_not_applicable(features, None, TABLE2_THRESHOLDS_SOURCE) == ("clip", "fet")
     assert criteria_not_applicable(clip, stand_in, TABLE2_THRESHOLDS_SOURCE) == ("lpips",)
     assert criteria_not_applicable(features, stand_in, {"kind": "file"}) == ()  # calibrated for them
+
+
+def test_alignment_chest_box_restricts_alignment_not_the_whole_image_measures(tmp_path):
+    """Maps on the whole image (the demo): alignment inside the true chest box, the marker outside it
+    counted as mass outside the box and as evidence on the marker."""
+    run = make_run(tmp_path)
+    boxed = evaluate_run(run, classifier=None, config=EvaluationConfig(draw_figures=False))
+    lines = read_results(run)
+    for line in lines:
+        line["alignment_chest_box"] = line.pop("chest_box")
+        marker = np.zeros((32, 32))
+        marker[0:4, 0:4] = 1.0
+        write_png(run / line["query_png"].replace("query.png", "marker.png"), marker)
+        line["shortcut_mask_png"] = line["query_png"].replace("query.png", "marker.png")
+        line["frame"] = {"components": [{"bbox": [0, 0, 4, 4]}]}
+    (run / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    whole = evaluate_run(run, classifier=None, config=EvaluationConfig(draw_figures=False))
+    assert whole["all"]["mean"]["full/hit@1"] == boxed["all"]["mean"]["full/hit@1"] == 1.0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # marker: 16 px of ~0.75 (0.95 minus a 0.2-0.3 background) against the 36-px blob of 0.5
+    assert all(0.2 < r["mass_outside_chest_box"] < 0.6 for r in rows)
+    assert all(r["marker/largest_component_overlaps"] for r in rows)
+    # the stricter test: the top 5 % (52 px) hold the marker's 16 px (~0.7) and the blob's 36 px (0.5),
+    # so under half of that mass is on the marker although the largest component covers it
+    assert all(0.3 < r["marker/top5_mass_share"] < 0.45 and not r["marker/top5_mass_on_marker"] for r in rows)
+    assert whole["all"]["marker"] == {"n": 2, "largest_component_overlaps": 2, "top5_mass_on_marker": 0}
+
+
+def test_marker_mass_helpers():
+    from cyclex.explain.evaluate_run import mass_outside_box, top_mass_share
+
+    heat = np.zeros((10, 10))
+    heat[0, 0], heat[5, 5] = 3.0, 1.0
+    region = np.zeros((10, 10), bool)
+    region[0, 0] = True
+    assert mass_outside_box(heat, (4, 4, 10, 10)) == pytest.approx(0.75)
+    assert mass_outside_box(heat, None) is None and mass_outside_box(np.zeros((4, 4)), (0, 0, 2, 2)) is None
+    assert top_mass_share(heat, region, top_percent=5) == pytest.approx(0.75)  # top 5 px: 3 + 1 + zeros
+    assert top_mass_share(np.zeros((4, 4)), np.zeros((4, 4), bool)) is None

@@ -2,9 +2,15 @@
 
 Query phantoms come from the shortcut world's marker placement, with the marker drawn on half of
 the images whatever their findings, so the audit can show where each generator's Cardiomegaly
-evidence lies: on the heart (`clean`) or on the marker (`shortcut`). Frames are computed on the
-whole image (no chest-box masking), because the marker sits outside the chest as real text markers
-do; `cyclex evaluate` still restricts alignment metrics to each record's chest box.
+evidence lies: on the heart (`clean`) or on the marker (`shortcut`). Maps and frames are computed on
+the whole image (no chest-box masking), because the marker sits outside the chest as real text
+markers do: the query folder (`RUN/phantoms`, `write_query_folder`) stores each true chest box as
+`alignment_chest_box`, which reaches results.jsonl, and `cyclex evaluate` restricts alignment metrics
+to it. `cyclex explain --images RUN/phantoms` with the demo's settings reproduces the demo (README).
+
+Marker overlap is counted two ways (`shortcut_marker_overlap`): the frame's largest component
+overlaps the marker, and the stricter one: at least half of the mass of the raw positive map's top
+5 % pixels lies on the marker.
 """
 
 from __future__ import annotations
@@ -12,14 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cyclex.demo.queries import demo_query_phantoms
+from cyclex.demo.queries import demo_query_phantoms, write_query_folder
 
 logger = logging.getLogger(__name__)
 
@@ -56,34 +62,36 @@ def demo_assets(names: Sequence[str] = ("clean", "shortcut")) -> dict[str, dict[
     return {name: {"generator": demo_generator_path(name), "tailored": build_demo_tailored(name)} for name in names}
 
 
-def _largest_component_mask(frame: Mapping[str, Any], shape: tuple[int, int]) -> np.ndarray:
-    mask = np.zeros(shape, dtype=bool)
-    if frame.get("components"):
-        x, y, w, h = frame["components"][0]["bbox"]
-        mask[y:y + h, x:x + w] = True
-    return mask
-
-
 def shortcut_marker_overlap(run: str | Path, finding: str = "Cardiomegaly") -> dict[str, Any]:
-    """Share of `finding` frames whose largest component overlaps the shortcut marker.
+    """How many `finding` items on images with the shortcut marker put their evidence on it, two ways.
 
-    Counts the items of images that carry the marker. The component is taken as its bounding box
-    (saved in results.jsonl); the marker as its mask PNG.
+    n_overlapping: the frame's largest component (its bounding box, saved in results.jsonl) overlaps
+    the marker (its mask PNG). n_mass_on_marker (stricter): at least `MARKER_MASS_SHARE` of the mass of
+    the raw positive map's (max(I - CF, 0), seed 000) top `MARKER_TOP_PERCENT` % pixels lies on it.
     """
     import cv2
 
+    from cyclex.explain.evaluate_run import (
+        MARKER_MASS_SHARE,
+        MARKER_TOP_PERCENT,
+        largest_component_overlaps,
+        top_mass_share,
+    )
+
     run = Path(run)
     lines = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines() if x.strip()]
-    hits = total = 0
+    hits = mass_hits = total = 0
     for line in lines:
         if line["finding"] != finding or not line.get("shortcut_mask_png"):
             continue
         marker = cv2.imread(str(run / line["shortcut_mask_png"]), cv2.IMREAD_GRAYSCALE) > 0
-        component = _largest_component_mask(line["frame"], marker.shape)
         total += 1
-        hits += bool((component & marker).any())
+        hits += largest_component_overlaps(line["frame"], marker)
+        share = top_mass_share(np.maximum(np.load(run / line["signed_npy"]), 0), marker, MARKER_TOP_PERCENT)
+        mass_hits += share is not None and share >= MARKER_MASS_SHARE
     return {"finding": finding, "n_frames_with_marker": total, "n_overlapping": hits,
-            "overlap_rate": hits / total if total else None}
+            "overlap_rate": hits / total if total else None,
+            "n_mass_on_marker": mass_hits, "mass_rate": mass_hits / total if total else None}
 
 
 def run_demo(out: str | Path = "runs/demo", *, n_images: int = 16, steps: int = 50,
@@ -94,18 +102,18 @@ def run_demo(out: str | Path = "runs/demo", *, n_images: int = 16, steps: int = 
              overwrite: bool = False) -> dict[str, Any]:
     """Explain `n_images` held-out phantoms with each demo generator; returns the comparison summary."""
     from cyclex.cycle.run_folder import RunSettingsChanged, run_explain, write_json_atomic
-    from cyclex.datasets.phantom import read_phantom_folder, write_phantom_folder
+    from cyclex.datasets.phantom import read_phantom_folder
     from cyclex.specs.generators import load_generator
 
     started = time.perf_counter()
     out = Path(out)
     assets = demo_assets(names)
     phantom_dir = out / "phantoms"
-    if not (phantom_dir / "metadata.jsonl").is_file():
-        write_phantom_folder(demo_query_phantoms(n_images), phantom_dir)
-    records = read_phantom_folder(phantom_dir)[:n_images]
-    for record in records:  # frames on the whole image: the marker lies outside the chest box
-        record["gt_chest_box"] = record.pop("chest_box", None)
+    existing = read_phantom_folder(phantom_dir) if (phantom_dir / "metadata.jsonl").is_file() else []
+    # (re)written when short or from a cyclex that stored `chest_box` (it would mask the maps)
+    if len(existing) < n_images or any("chest_box" in record for record in existing):
+        write_query_folder(demo_query_phantoms(max(n_images, len(existing))), phantom_dir)
+    records = read_phantom_folder(phantom_dir)[:n_images]  # maps and frames on the whole image
     comparison: dict[str, Any] = {"n_images": len(records), "phantoms": str(phantom_dir), "generators": {}}
     for name in names:
         explain = partial(
