@@ -308,6 +308,14 @@ def train_tailored_command(
     checkpointing_steps: int = typer.Option(None, "--checkpointing-steps", help="default 5000"),
     generation_batch_size: int = typer.Option(16, "--generation-batch-size", help="images per generator call"),
     inversion_steps: int = typer.Option(None, "--inversion-steps", help="DDIM steps T of checkpoint selection (default 50)"),
+    warmup_steps: int = typer.Option(None, "--warmup-steps", min=0, help="lr warm-up steps (default: 5 % of "
+                                     "--max-steps, at most 500)"),
+    max_failed_fraction: float = typer.Option(0.01, "--max-failed-fraction", min=0.0, max=1.0,
+                                              help="refuse the data set when more than this share of the images "
+                                              "fail in the generator or the image reader (listed in "
+                                              "OUT/dataset/failures.jsonl)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="start over: delete the tailored run already in --out "
+                                   "(needed when it was made with another generator, base or settings)"),
     select: bool = typer.Option(True, "--select/--no-select", help="run checkpoint selection after training"),
 ) -> None:
     """Build the tailored data set from the generator's own reports, train the tailored SD, select checkpoints.
@@ -316,6 +324,7 @@ def train_tailored_command(
     `accelerate launch -m cyclex.tailored_training --manifest OUT/dataset/manifest.jsonl --base ... --out ...`.
     """
     import dataclasses
+    import json
     import logging
     from pathlib import Path
 
@@ -331,19 +340,27 @@ def train_tailored_command(
         select_checkpoints,
         train_tailored,
     )
+    from cyclex.tailored_training.run_identity import check_training_run, training_identity
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
     overrides = {"max_train_steps": max_steps, "resolution": resolution, "train_batch_size": batch_size,
                  "learning_rate": learning_rate, "checkpointing_steps": checkpointing_steps,
-                 "num_inversion_steps": inversion_steps}
+                 "num_inversion_steps": inversion_steps, "lr_warmup_steps": warmup_steps}
     try:
         config = dataclasses.replace(TailoredTrainingConfig(), **{k: v for k, v in overrides.items() if v is not None})
         check_base_model(base)
+        # before anything is written: --out is this run's, the same run resumed, or refused
+        check_training_run(out, training_identity(generator, base, config), overwrite=overwrite)
         records = read_image_source(images)
         manifest = build_tailored_dataset(load_generator(generator), records, load_labeler(labeler),
                                           Path(out) / "dataset", batch_size=generation_batch_size,
-                                          prompt_source=prompt_source, template=template)
+                                          prompt_source=prompt_source, template=template,
+                                          max_failed_fraction=max_failed_fraction)
+        described = json.loads((Path(out) / "dataset" / "dataset.json").read_text())
+        if described.get("n_failed"):
+            console.print(f"[yellow]skipped {described['n_failed']} of {described['n_failed'] + described['n_images']} "
+                          f"images[/yellow] (generator or reader failures): {Path(out) / 'dataset' / 'failures.jsonl'}")
         result = train_tailored(manifest, base, out, config, generator_spec=generator)
         console.print(f"trained {result.global_step} steps ({result.images_per_s:.1f} images/s) -> {out}")
         if select:

@@ -47,3 +47,8 @@ def write_manifest(folder: Path, n: int = 12, size: int = 32) -> Path:
 def disc_reports(images):
     """A report generator for CLI tests: bright images get 'Cardiomegaly.', dark ones 'No acute process.'."""
     return ["Cardiomegaly." if float(x.mean()) > 0.35 else "No acute cardiopulmonary process." for x in images]
+
+
+def dark_reports(images):
+    """Another generator for CLI tests: says the same normal report for every image."""
+    return ["No acute cardiopulmonary process." for _ in images]

@@ -37,13 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--generator-spec", default=None, help="generator spec recorded in cyclex_tailored.json")
     parser.add_argument("--config", default=None, help="a training_config.json to start from")
     parser.add_argument("--no-select", action="store_true", help="skip checkpoint selection after training")
+    parser.add_argument("--overwrite", action="store_true", help="delete a tailored run of another generator, base "
+                        "or settings in --out first (without it such a folder is refused)")
     parser.add_argument("--max-steps", dest="max_train_steps", type=int, default=None, help="alias of --max-train-steps")
     defaults = TailoredTrainingConfig()
     for f in dataclasses.fields(TailoredTrainingConfig):
         value = getattr(defaults, f.name)
         kind = {bool: _parse_bool, int: int, float: float}.get(type(value), str)
         if value is None:
-            kind = _optional(int if f.name == "checkpoints_total_limit" else str)
+            kind = _optional(int if f.name in ("checkpoints_total_limit", "lr_warmup_steps") else str)
         elif f.name in ("checkpoints_total_limit", "resume_from_checkpoint"):
             kind = _optional(kind)
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     from cyclex.tailored_training.selection import select_checkpoints
     from cyclex.tailored_training.train import train_tailored
 
-    result = train_tailored(args.manifest, args.base, args.out, config, generator_spec=args.generator_spec)
+    result = train_tailored(args.manifest, args.base, args.out, config, generator_spec=args.generator_spec,
+                            overwrite=args.overwrite)
     state = PartialState()
     if state.is_main_process:
         logging.getLogger(__name__).info("trained %d steps, %.1f images/s -> %s", result.global_step,

@@ -15,6 +15,8 @@ from pathlib import Path
 from cyclex.atomic_io import write_json_atomic as _write_json_atomic
 
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+DEFAULT_WARMUP_FRACTION = 0.05  # of max_train_steps, when lr_warmup_steps is None
+MAX_DEFAULT_WARMUP_STEPS = 500  # diffusers' examples' warm-up, reached from 10k steps on
 PROMPT_SOURCES = ("generated", "ground-truth")
 
 
@@ -28,7 +30,9 @@ class TailoredTrainingConfig:
     max_train_steps: int = 100_000  # optimizer updates
     gradient_accumulation_steps: int = 1
     lr_scheduler: str = "constant_with_warmup"  # any name `diffusers.optimization.get_scheduler` knows
-    lr_warmup_steps: int = 500  # diffusers' example default; the papers are silent
+    # None: 5 % of max_train_steps, at most diffusers' example default of 500 (the papers are silent);
+    # a fixed 500 would keep a 40-step run at 8 % of its learning rate throughout
+    lr_warmup_steps: int | None = None
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -72,12 +76,21 @@ class TailoredTrainingConfig:
             raise ValueError(
                 f"TailoredTrainingConfig.mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}"
             )
+        if self.lr_warmup_steps is not None and (not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0):
+            raise ValueError(f"TailoredTrainingConfig.lr_warmup_steps must be an integer >= 0 or None (5 % of "
+                             f"max_train_steps, at most 500), got {self.lr_warmup_steps!r}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError("TailoredTrainingConfig.checkpoints_total_limit must be >= 1 or None")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"TailoredTrainingConfig.validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.validation_images < 1:
             raise ValueError("TailoredTrainingConfig.validation_images must be >= 1")
+
+    def resolved_warmup_steps(self) -> int:
+        """lr warm-up steps: the set value, or 5 % of max_train_steps capped at 500 (scaled to the run)."""
+        if self.lr_warmup_steps is not None:
+            return int(self.lr_warmup_steps)
+        return min(MAX_DEFAULT_WARMUP_STEPS, round(DEFAULT_WARMUP_FRACTION * self.max_train_steps))
 
     def resolved_mixed_precision(self) -> str:
         """"auto" -> bf16 / fp16 on CUDA, "no" on CPU; an explicit half precision on CPU is an error."""

@@ -102,6 +102,18 @@ def resolve_checkpoint(path: str | Path, checkpoint: str = "best_psnr") -> Path 
     return target
 
 
+def clean_scheduler_config(scheduler_cls, config) -> dict:
+    """The entries of a scheduler `config` that `scheduler_cls` takes (plus diffusers' `_` keys).
+
+    A base SD's PNDM config carries `skip_prk_steps` through DDPM (training) into the saved DDIM
+    config, and from there into every DDIMInverseScheduler, which warns each time a maker is built.
+    """
+    import inspect
+
+    accepted = set(inspect.signature(scheduler_cls.__init__).parameters) - {"self", "kwargs"}
+    return {k: v for k, v in dict(config).items() if k in accepted or k.startswith("_")}
+
+
 def load_tailored_pipeline(path: str | Path, checkpoint: str = "best_psnr", device=None, dtype=None):
     """A `StableDiffusionPipeline` from a tailored folder, its UNet taken from `checkpoint` (offline)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -116,6 +128,9 @@ def load_tailored_pipeline(path: str | Path, checkpoint: str = "best_psnr", devi
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **kwargs)
+    # folders saved before the scheduler config was cleaned still carry another class's keys
+    pipe.scheduler = type(pipe.scheduler).from_config(clean_scheduler_config(type(pipe.scheduler),
+                                                                            pipe.scheduler.config))
     if dtype is not None:
         pipe.to(dtype=dtype)
     if device is not None:

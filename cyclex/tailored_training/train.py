@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from cyclex.atomic_io import remove_stale_temp_files
 from cyclex.tailored_training.config import TailoredTrainingConfig, write_json_atomic
 from cyclex.tailored_training.dataset import TailoredImageDataset, read_manifest
+from cyclex.tailored_training.run_identity import check_training_run, training_identity
 
 logger = logging.getLogger(__name__)
 
@@ -316,12 +317,15 @@ def train_tailored(
     config: TailoredTrainingConfig | None = None,
     *,
     generator_spec: str | None = None,
+    overwrite: bool = False,
 ) -> TrainingResult:
     """Fine-tune the UNet of `base` on (image, prompt) rows of `manifest`; write the C4 folder to `output_dir`.
 
     The folder is a `StableDiffusionPipeline` (UNet = final weights until `select_checkpoints` puts the
     best-PSNR ones there) plus `cyclex_tailored.json`, `training_config.json`, `split.json` and
     `checkpoints/checkpoint-NNNNNN/` (accelerate state + `unet/` safetensors).
+    A folder holding a run of another generator, base or settings is refused (`TrainingRunMismatch`)
+    unless `overwrite` deletes that run first; the same run resumes (`run_identity`).
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -331,6 +335,9 @@ def train_tailored(
 
     cfg = config or TailoredTrainingConfig()
     output_dir = Path(output_dir)
+    identity = training_identity(generator_spec, base, cfg)
+    if not overwrite:  # every process refuses alike, before any work
+        check_training_run(output_dir, identity, record=False)
 
     # 1. Accelerator: processes, mixed precision, gradient accumulation, tracker.
     report_to = None if cfg.report_to in (None, "", "none") else cfg.report_to
@@ -344,10 +351,13 @@ def train_tailored(
     )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        # the folder is this run's from now on (an --overwrite keeps the manifest being trained on)
+        check_training_run(output_dir, identity, overwrite=overwrite, keep=[manifest])
         # what a killed earlier run left: half-saved checkpoints and temporary files of atomic writes
         _remove_partial_checkpoints(output_dir)
         remove_stale_temp_files(output_dir, recursive=False)
         cfg.save(output_dir / "training_config.json")
+    accelerator.wait_for_everyone()  # an --overwrite has emptied the folder before anyone reads it
 
     # 2. Data: manifest rows, seeded validation split.
     rows = read_manifest(manifest)
@@ -378,7 +388,7 @@ def train_tailored(
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                 num_warmup_steps=cfg.resolved_warmup_steps() * accelerator.num_processes,
                                  num_training_steps=cfg.max_train_steps * accelerator.num_processes)
 
     # 5. Token ids for every row; latents encoded once (or images read per batch).
@@ -444,8 +454,12 @@ def train_tailored(
     from tqdm.auto import tqdm
 
     total_batch = cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-    logger.info("training %d images (%d validation), batch %d total, %d steps from step %d",
-                len(train_dataset), len(val_rows), total_batch, cfg.max_train_steps, global_step)
+    logger.info("training %d images (%d validation), batch %d total, %d steps from step %d, lr warm-up %d steps",
+                len(train_dataset), len(val_rows), total_batch, cfg.max_train_steps, global_step,
+                cfg.resolved_warmup_steps())
+    if cfg.resolved_warmup_steps() >= cfg.max_train_steps:
+        logger.warning("lr warm-up (%d steps) is as long as the run (%d): the learning rate never reaches %g "
+                       "(--warmup-steps)", cfg.resolved_warmup_steps(), cfg.max_train_steps, cfg.learning_rate)
     progress = tqdm(range(cfg.max_train_steps), initial=global_step, desc="tailored SD steps",
                     disable=not accelerator.is_local_main_process)
     saved: list[str] = []
@@ -568,12 +582,13 @@ def _save_pipeline_folder(output_dir: Path, base, unet, manifest, cfg: TailoredT
                           generator_spec: str | None, global_step: int, num_processes: int) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from cyclex.tailored_training.output import write_tailored_metadata
+    from cyclex.tailored_training.output import clean_scheduler_config, write_tailored_metadata
 
     parts = load_base_components(base)
     pipe = StableDiffusionPipeline(
         vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=unet.to(torch.float32),
-        scheduler=DDIMScheduler.from_config(parts["noise_scheduler"].config),  # inversion and sampling are DDIM
+        # inversion and sampling are DDIM; keys of the base's scheduler class (PNDM's skip_prk_steps) are dropped
+        scheduler=DDIMScheduler.from_config(clean_scheduler_config(DDIMScheduler, parts["noise_scheduler"].config)),
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(output_dir, safe_serialization=True)
