@@ -1,8 +1,9 @@
 """Run every benchmark in turn: `python -m benchmarks [NAME ...]` (what `make bench` calls).
 
 Each benchmark is a module `benchmarks/NAME.py` with a `main()` that writes
-`benchmarks/results/NAME.json`. They run one after another in separate processes so one failure
-does not hide the others' results; the exit code is non-zero when any failed.
+`benchmarks/results/NAME.json`, starting from scratch (no run of an earlier call is reused; the
+scripts that keep work folders take `--resume`). They run one after another in separate processes
+so one failure does not hide the others' results; the exit code is non-zero when any failed.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """How the demo's guidance omega is chosen: a sweep on validation phantoms, not on the benchmark's.
 
-`python -m benchmarks.demo_guidance [--n 100]` runs the cycle with the plain DDIM maker and the
-demo's other settings for every omega of `GUIDANCES`, with both demo generators, on phantoms of
-`VALIDATION_SEED` (held out from training, from the demo's queries and from benchmarks/cycle.py's
-200). It writes benchmarks/results/demo_guidance.json: per omega the measures of benchmarks/cycle.py
+`python -m benchmarks.demo_guidance [--n 100] [--resume]` runs the cycle with the plain DDIM maker and
+the demo's other settings for every omega of `GUIDANCES`, with both demo generators, on phantoms of
+`VALIDATION_SEED` (the seed registry's `demo_guidance_validation`: held out from training, from the
+demo's queries and from benchmarks/cycle.py's). It starts from scratch unless `--resume` (refused
+when the weights or the cyclex version changed, benchmarks/work_folder.py) and writes benchmarks/results/demo_guidance.json: per omega the measures of benchmarks/cycle.py
 (Cyclic Rate, pixel AUC of the positive map, marker overlap, collateral changes), and `chosen_guidance`:
 among the omegas meeting issue 5's other goals on this set (Cyclic Rate >= 0.7 for both generators,
 marker overlap >= 0.8 for `shortcut` and <= 0.1 for `clean`), the one with the highest clean pixel AUC.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -49,19 +49,25 @@ def choose_guidance(sweep: dict[str, dict]) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.cycle import held_out_queries, measure
+    from benchmarks.work_folder import prepare_work_folder, weights_fingerprint
+    from cyclex.datasets.seed_registry import TRAINING, check_held_out, ranges_of
     from cyclex.demo import run_demo as demo
     from cyclex.explain.frames import DEFAULT_BLUR
+    from cyclex.provenance import environment
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100, help="validation phantoms")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (inversion and sampling)")
     parser.add_argument("--guidances", type=float, nargs="+", default=list(GUIDANCES))
-    parser.add_argument("--fresh", action="store_true", help="delete earlier runs first (default: resume them)")
+    parser.add_argument("--resume", action="store_true", help="keep earlier runs (refused when the weights or the "
+                        "cyclex version changed); default: start from scratch")
     args = parser.parse_args(argv)
 
     assets = demo.demo_assets()
-    if args.fresh:
-        shutil.rmtree(WORK, ignore_errors=True)
+    fingerprint = weights_fingerprint(path for paths in assets.values() for path in paths.values())
+    prepare_work_folder(WORK, fingerprint, resume=args.resume)
+    validation_seeds = DEMO_GUIDANCE_VALIDATION.drawn(args.n)
+    check_held_out(validation_seeds, "demo_guidance validation phantoms", against=(TRAINING,))
     records, chest_boxes, truth = held_out_queries(args.n, VALIDATION_SEED, WORK / "phantoms")
     sweep: dict[str, dict] = {}
     for omega in args.guidances:
@@ -76,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"omega {omega:g}: cyclic {clean['cyclic_rate']:.3f} / {shortcut['cyclic_rate']:.3f}, "
               f"clean AUC {clean['pixel_auc_positive_diff']:.3f}, marker {shortcut['shortcut_marker_overlap_rate']} / "
               f"{clean['shortcut_marker_overlap_rate']} ({time.perf_counter() - started:.0f} s)", flush=True)
-    result = {"n_phantoms": args.n, "validation_seed": VALIDATION_SEED, "steps": args.steps,
+    result = {"n_phantoms": args.n, "validation_seed": VALIDATION_SEED, "validation_seeds": validation_seeds,
+              "training_seeds": ranges_of(TRAINING), "resumed": args.resume,
+              "provenance": {**environment(), "weights": fingerprint["weights"]}, "steps": args.steps,
               "strength": demo.DEMO_STRENGTH, "checkpoint": demo.DEMO_CHECKPOINT, "map_blur": DEFAULT_BLUR,
               "rule": "highest clean pixel AUC among the omegas meeting issue 5's other goals",
               "chosen_guidance": choose_guidance(sweep), "sweep": sweep}

@@ -32,7 +32,7 @@ def test_pixel_aucs_all_items_and_verified_only(tmp_path):
     assert pixel_aucs(tmp_path, {"b": [0, 0, 6, 6]}) == {"Cardiomegaly": [1.0, 0.0]}
 
 
-def test_pixel_aucs_unsmoothed_reads_the_signed_map(tmp_path):
+def test_pixel_aucs_raw_reads_the_signed_map(tmp_path):
     from benchmarks.cycle import pixel_aucs
 
     mask = np.zeros((8, 8), bool)
@@ -43,10 +43,10 @@ def test_pixel_aucs_unsmoothed_reads_the_signed_map(tmp_path):
     line["signed_npy"] = "items/a/signed.npy"
     (tmp_path / "results.jsonl").write_text(json.dumps(line) + "\n")
     assert pixel_aucs(tmp_path, {}) == {"Cardiomegaly": [0.0]}
-    assert pixel_aucs(tmp_path, {}, unsmoothed=True) == {"Cardiomegaly": [1.0]}
+    assert pixel_aucs(tmp_path, {}, raw=True) == {"Cardiomegaly": [1.0]}
 
 
-def test_ceiling_is_the_exact_counterfactual_and_noise_caps_the_unsmoothed_map(tmp_path):
+def test_ceiling_is_the_exact_counterfactual_and_noise_caps_the_raw_map(tmp_path):
     from dataclasses import replace
 
     from benchmarks.cycle import ceiling_aucs
@@ -60,11 +60,11 @@ def test_ceiling_is_the_exact_counterfactual_and_noise_caps_the_unsmoothed_map(t
 
     noiseless = ceiling(PhantomConfig(noise_std=0.0))
     # no noise: the lesion (it brightens) is all I - CF holds, up to 8-bit rounding of the query
-    assert noiseless["unsmoothed"] > 0.97 and noiseless["smoothed"] > 0.97
+    assert noiseless["raw"] > 0.97 and noiseless["smoothed"] > 0.97
     noisy = ceiling(replace(PhantomConfig(), noise_std=0.03))
     # the query's noise lights up max(I - CF, 0) everywhere; the 5 x 5 blur averages most of it out
-    assert noisy["unsmoothed"] < noiseless["unsmoothed"] - 0.05
-    assert noisy["smoothed"] > noisy["unsmoothed"] + 0.05
+    assert noisy["raw"] < noiseless["raw"] - 0.05
+    assert noisy["smoothed"] > noisy["raw"] + 0.05
 
 
 def test_held_out_queries_keep_chest_boxes_apart_and_the_truth(tmp_path):
@@ -76,4 +76,25 @@ def test_held_out_queries_keep_chest_boxes_apart_and_the_truth(tmp_path):
     assert [r["id"] for r in records] == [p.id for p in expected] == list(phantoms)
     assert all("chest_box" not in r for r in records)  # frames on the whole image
     assert chest_boxes == {p.id: list(p.chest_box) for p in expected}
+    assert [r["alignment_chest_box"] for r in records] == [list(p.chest_box) for p in expected]  # for evaluate
     assert config.mask_min_change > 0 and config.shortcut is not None
+
+
+def test_mass_outside_chest_box_and_rates_with_intervals(tmp_path):
+    from benchmarks.cycle import _rate, bootstrap_mean_ci, mass_outside_chest_box
+
+    mask = np.zeros((8, 8), bool)
+    heat = np.zeros((8, 8))
+    heat[0, 0], heat[4, 4] = 1.0, 3.0  # a quarter of the mass outside the box (2, 2, 8, 8)
+    line = _item(tmp_path, "a", mask, heat, verified=True)
+    np.save(tmp_path / "items" / "a" / "signed.npy", np.where(heat > 0, heat, -1.0).astype(np.float32))
+    line["signed_npy"] = "items/a/signed.npy"
+    (tmp_path / "results.jsonl").write_text(json.dumps(line) + "\n")
+    shares = mass_outside_chest_box(tmp_path, {"a": [2, 2, 8, 8]})
+    assert shares == {"raw": [0.25], "smoothed": [0.25]}
+    assert mass_outside_chest_box(tmp_path, {}) == {"raw": [], "smoothed": []}  # no box, no share
+    rate = _rate(8, 10)
+    assert rate["rate"] == 0.8 and rate["ci95"][0] < 0.8 < rate["ci95"][1]
+    assert _rate(0, 0)["rate"] is None and bootstrap_mean_ci([]) is None
+    low, high = bootstrap_mean_ci([0.5, 0.7, 0.9])
+    assert 0.5 <= low < 0.7 < high <= 0.9

@@ -7,9 +7,9 @@ from pathlib import Path
 def _generators(clean_auc, clean_rate=0.9, shortcut_rate=0.9, shortcut_overlap=0.9, clean_overlap=0.0):
     return {
         "clean": {"cyclic_rate": clean_rate, "pixel_auc_positive_diff": clean_auc,
-                  "pixel_auc_positive_diff_unsmoothed": clean_auc, "shortcut_marker_overlap_rate": clean_overlap},
+                  "pixel_auc_positive_diff_raw": clean_auc, "shortcut_marker_overlap_rate": clean_overlap},
         "shortcut": {"cyclic_rate": shortcut_rate, "pixel_auc_positive_diff": 0.5,
-                     "pixel_auc_positive_diff_unsmoothed": 0.5, "shortcut_marker_overlap_rate": shortcut_overlap},
+                     "pixel_auc_positive_diff_raw": 0.5, "shortcut_marker_overlap_rate": shortcut_overlap},
     }
 
 

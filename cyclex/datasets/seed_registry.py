@@ -258,15 +258,17 @@ def check_seed_registry(uses: Sequence[SeedUse] = SEED_USES) -> None:
         raise ValueError(f"seed registry: uses of different purposes overlap: {lines}")
 
 
-def check_held_out(ranges: Iterable[Sequence[int]], what: str = "queries") -> list[Range]:
-    """Raise ValueError when `ranges` share a seed with any training or validation use; returns them merged.
+def check_held_out(ranges: Iterable[Sequence[int]], what: str = "queries",
+                   against: Sequence[str] = (TRAINING, VALIDATION)) -> list[Range]:
+    """Raise ValueError when `ranges` share a seed with a use of a purpose in `against`; returns them merged.
 
-    Benchmarks call it on the seeds they draw (an overridden --seed cannot land on training data).
+    Benchmarks call it on the seeds they draw (an overridden --seed cannot land on training data);
+    a validation sweep passes against=(TRAINING,).
     """
     merged = merge_ranges(ranges)
-    clashes = [(use.name, shared) for use in SEED_USES if use.purpose != QUERY
+    clashes = [(use.name, shared) for use in SEED_USES if use.purpose in against
                for r in use.ranges for q in merged if (shared := _intersection(q, r)) is not None]
     if clashes:
         listed = "; ".join(f"{name} [{r[0]}, {r[1]})" for name, r in clashes)
-        raise ValueError(f"{what}: phantom seeds {merged} overlap seeds used for training or validation: {listed}")
+        raise ValueError(f"{what}: phantom seeds {merged} overlap seeds used for {' or '.join(against)}: {listed}")
     return merged
