@@ -184,8 +184,10 @@ def explain(
     batch_size: int = typer.Option(8, "--batch-size", help="images per engine batch"),
     labeler: str = typer.Option("rules", "--labeler", help="'rules', 'chexbert:PATH[::TOKENIZER]' or python:mod:attr"),
     frame_threshold: str = typer.Option("stable", "--frame-threshold", help="L on 0-255, or 'stable'"),
-    frame_normalize: bool = typer.Option(False, "--frame-normalize/--no-frame-normalize",
-                                         help="stretch |I - CF| to a maximum of 255 before thresholding"),
+    frame_normalize: bool = typer.Option(True, "--frame-normalize/--no-frame-normalize",
+                                         help="stretch |I - CF| to a maximum of 255 before thresholding (default: "
+                                         "on, so a faint verified edit still gets a frame; --no-frame-normalize "
+                                         "thresholds on the paper's absolute 0-255 scale)"),
     map_blur: int = typer.Option(5, "--map-blur", help="Gaussian kernel (odd) smoothing the positive difference "
                                  "map, as the frame is smoothed; 1 keeps the raw max(I - CF, 0)"),
     image_size: int = typer.Option(None, "--image-size", help="side every query is fitted to (default: the "

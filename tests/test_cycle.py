@@ -144,6 +144,21 @@ def test_from_pretrained_reads_the_tailored_metadata(tmp_path, pipe):
     assert [r.finding for r in results] == ["Cardiomegaly"]
 
 
+def test_default_settings_frame_a_faint_verified_removal():
+    # the user's run: with the defaults, frame.area was 0 even for verified removals, because the
+    # edit (here 0.62 -> 0.30, 82 of 255) stays below the absolute 85..105 thresholds
+    explainer = CyclicExplainer(brightness_generator(), KeywordLabeler(), PaintingMaker(heart_value=0.3))
+    (result,) = explainer.explain(query(heart=0.62)[None])
+    assert result.verified and result.finding == "Cardiomegaly"
+    assert result.frame.area > 0
+    x, y, w, h = result.frame.components[0].bbox
+    y0, y1, x0, x1 = HEART
+    assert abs(x - x0) <= 2 and abs(y - y0) <= 2 and abs(w - (x1 - x0)) <= 4 and abs(h - (y1 - y0)) <= 4
+    from cyclex.cycle.settings import FrameSettings
+
+    assert FrameSettings().normalize is True  # what `cyclex explain` uses by default
+
+
 def test_rejects_bad_inputs():
     explainer = _explainer(PaintingMaker())
     with pytest.raises(ValueError, match=r"\[0, 1\]"):

@@ -21,7 +21,7 @@ def test_frame_defaults_are_the_explainers():
     assert kwargs["frame_threshold"] == defaults["frame_threshold"] == "stable"
     assert kwargs["frame_k"] == defaults["frame_k"] == DEFAULT_K
     assert kwargs["map_blur"] == defaults["map_blur"] == DEFAULT_BLUR
-    assert kwargs["frame_normalize"] is defaults["frame_normalize"] is False
+    assert kwargs["frame_normalize"] is defaults["frame_normalize"] is True  # issue 17: defaults give a frame
     assert kwargs["frame_candidates"] == (85.0, 90.0, 95.0, 100.0, 105.0)
 
 

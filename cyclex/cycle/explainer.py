@@ -181,7 +181,8 @@ class CyclicExplainer:
     frame_threshold: L on 0-255: a number, "stable" (see `cyclex.explain.frames`) or {finding: L}.
     frame_k / frame_blur: components kept / Gaussian kernel. map_blur: Gaussian kernel for the positive
     difference map (default the frame's 5; 1 keeps seed 000's raw max(I - CF, 0)). frame_normalize: stretch |I - CF| to a
-    maximum of 255 before thresholding (choice, off by default). estimate_chest_boxes: when no chest box
+    maximum of 255 before thresholding (choice, on by default: the paper's absolute L = 95 of 255 leaves
+    the frame of a faint verified edit empty; off reproduces the paper's scale). estimate_chest_boxes: when no chest box
     is given, estimate one per image (Otsu) and mask the maps to it.
     difference_reference: "query" (default, the paper's I - CF) or "reconstruction": difference and
     frame against R, the query redrawn by the maker with its source prompt under the same settings and
@@ -204,7 +205,7 @@ class CyclicExplainer:
         frame_k: int = DEFAULT_K,
         frame_blur: int = DEFAULT_BLUR,
         frame_candidates: Sequence[float] = DEFAULT_THRESHOLD_CANDIDATES,
-        frame_normalize: bool = False,
+        frame_normalize: bool = True,
         map_blur: int = DEFAULT_BLUR,
         estimate_chest_boxes: bool = False,
         seed: int = 0,

@@ -37,7 +37,9 @@ class FrameSettings:
     k: int = DEFAULT_K  # largest connected components kept in the frame
     blur: int = DEFAULT_BLUR  # Gaussian kernel smoothing |I - CF| before thresholding (odd)
     candidates: tuple[float, ...] = DEFAULT_THRESHOLD_CANDIDATES  # 95 +- 10, for threshold="stable"
-    normalize: bool = False  # stretch |I - CF| to a maximum of 255 before thresholding
+    # stretch |I - CF| to a maximum of 255 before thresholding, so L is a share of the strongest change:
+    # on the paper's absolute 0-255 scale an edit fainter than 85/255 (most of them) gives an empty frame
+    normalize: bool = True
     map_blur: int = DEFAULT_BLUR  # Gaussian kernel smoothing the positive map (1 = seed 000's raw map)
     estimate_chest_boxes: bool = False  # mask maps to an Otsu chest box when the input gives none
 
