@@ -4,7 +4,12 @@ import json
 
 import pytest
 
-from benchmarks.work_folder import FINGERPRINT_NAME, StaleResumeError, prepare_work_folder, weights_fingerprint
+from benchmarks.work_folder import (
+    FINGERPRINT_NAME,
+    StaleResumeError,
+    prepare_work_folder,
+    weights_fingerprint,
+)
 
 
 def _models(tmp_path, content=b"weights"):
