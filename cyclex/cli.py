@@ -129,6 +129,10 @@ def evaluate(
         if counts["unavailable"] or counts["not_applicable"]:
             console.print(f"criterion {name}: unavailable {counts['unavailable']}/{counts['n']}, "
                           f"not applicable {counts['not_applicable']}/{counts['n']}")
+    if scorers.not_applicable:
+        console.print(f"not applicable: {', '.join(scorers.not_applicable)} (seed 000's Table 2 thresholds belong to "
+                      "CLIP and real LPIPS); calibrate thresholds for these scorers with "
+                      "`python scripts/calibrate_cf_thresholds.py` and pass --thresholds FILE")
     for role, described in summary["provenance"]["scorers"].items():
         if isinstance(described, dict) and "role" in described:
             console.print(f"{role}: {escape(str(described.get('name') or described.get('note')))}")
