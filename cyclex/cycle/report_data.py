@@ -70,7 +70,9 @@ ITEM_IMAGES = (
 KEY_METRICS = (
     ("l1", "pixel L1"), ("l2", "pixel L2"), ("ssim", "SSIM"), ("psnr", "PSNR"), ("lpips", "LPIPS"),
     ("clip_cosine", "embedding cosine"), ("cpg", "CPG"), ("fet", "FET"), ("cf_score", "CF score (of 5)"),
-    ("full/ncc", "NCC with mask"), ("full/auc", "pixel AUC"), ("full/auc_iou", "AUC-IoU"),
+    ("full/ncc", "NCC with mask"), ("full/auc", "pixel AUC (raw map, seed 000)"),
+    ("full/auc_smoothed", "pixel AUC (smoothed map)"), ("full/auc_iou", "AUC-IoU"),
+    ("mass_outside_chest_box", "map mass outside chest box"),
     ("boundary/auc", "boundary AUC"), ("dilated_boundary/auc", "dilated-boundary AUC"),
     ("heatmap/ncc", "NCC with eye tracking"),
 )
@@ -331,6 +333,8 @@ def _item(page_dir: Path, run: Mapping[str, Any], index: int, line: Mapping[str,
         "image_id": str(line["image_id"]),
         "finding": finding,
         "verified": bool(line["verified"]),
+        # with --search: whether a candidate met the required CF_Score (None without a search)
+        "search_accepted": (line.get("maker_details") or {}).get("accepted"),
         "shortcut": line.get("shortcut"),
         "images": images,
         "images_by_key": {image["key"]: image for image in images},
