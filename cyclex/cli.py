@@ -7,7 +7,48 @@ from pathlib import Path
 
 import typer
 
+from cyclex.specs.generator_options import spec_options_help
+
 ATTENTION_CONTROL_VARIANTS = ("nti", "negative-prompt", "direct")  # the makers with P2P processors
+# Built-in variants the search can drive: it makes its candidates with the maker's invert() and edit();
+# rse's region edit happens in make(), which the search never calls, so searching it would be plain DDIM.
+SEARCHABLE_VARIANTS = ("ddim", "nti", "negative-prompt", "direct")
+GENERATOR_HELP = f"generator spec, one of: {spec_options_help()}"
+TAILORED_HELP = ("tailored Stable Diffusion: a folder written by `cyclex train-tailored --out`, or demo:clean / "
+                 "demo:shortcut (the demo's, shipped with the package; see the README)")
+
+# Python spellings in library messages -> what a command-line user types instead
+_CLI_SPELLINGS = (
+    ("(or pass backbone_weights=PATH); use random_backbone=True only for tests", "(or pass --lpips alex:PATH)"),
+    ("backbone_weights=PATH", "--lpips alex:PATH"),
+    ("(or pass weights_path=PATH)", "(or pass --classifier xrv:WEIGHTS::PATH / --encoder xrv:WEIGHTS::PATH)"),
+    ("pass search=True", "pass --search"),
+    ("image_size (--resize / --image-size)", "--image-size"),
+    ("resize='pad' or 'crop' with image_size (--resize / --image-size)", "--resize pad or --resize crop"),
+)
+_EXPLAIN_FLAGS = {"ExplainSettings.steps": "--steps", "ExplainSettings.guidance": "--guidance",
+                  "ExplainSettings.strength": "--strength", "ExplainSettings.batch_size": "--batch-size",
+                  "ExplainSettings.image_size": "--image-size", "ExplainSettings.resize": "--resize",
+                  "ExplainSettings.difference_reference": "--difference-reference",
+                  "FrameSettings.threshold": "--frame-threshold", "FrameSettings.map_blur": "--map-blur",
+                  "SearchGrid.required_score": "--required-score", "SearchGrid.strengths": "--search-strengths",
+                  "SearchGrid.guidance_batch_size": "--search-guidance-batch",
+                  "difference_reference='reconstruction'": "--difference-reference reconstruction",
+                  "(use difference_reference='query')": "(use --difference-reference query)"}
+_TRAIN_FLAGS = {"TailoredTrainingConfig.max_train_steps": "--max-steps", "TailoredTrainingConfig.resolution":
+                "--resolution", "TailoredTrainingConfig.train_batch_size": "--batch-size",
+                "TailoredTrainingConfig.learning_rate": "--learning-rate",
+                "TailoredTrainingConfig.checkpointing_steps": "--checkpointing-steps",
+                "TailoredTrainingConfig.num_inversion_steps": "--inversion-steps",
+                "TailoredTrainingConfig.lr_warmup_steps": "--warmup-steps", "prompt_source": "--prompt-source",
+                "max_failed_fraction": "--max-failed-fraction", "batch_size must be": "--generation-batch-size must be"}
+
+
+def for_the_command_line(message: str, flags: dict[str, str] | None = None) -> str:
+    """A library error message with Python argument names replaced by the command's flags."""
+    for python, flag in (*_CLI_SPELLINGS, *(flags or {}).items()):
+        message = message.replace(python, flag)
+    return message
 
 
 def parse_maker_options(options: list[str]) -> dict:
@@ -175,8 +216,8 @@ def phantoms(
 
 @app.command()
 def explain(
-    generator: str = typer.Option(..., "--generator", help="generator spec (hf:PATH, r2gen:..., demo:clean, python:mod:fn)"),
-    tailored: str = typer.Option(..., "--tailored", help="tailored Stable Diffusion folder (cyclex train-sd output)"),
+    generator: str = typer.Option(..., "--generator", help=GENERATOR_HELP),
+    tailored: str = typer.Option(..., "--tailored", help=TAILORED_HELP),
     images: str = typer.Option(..., "--images", help="folder of images, phantom folder (metadata.jsonl) or CSV"),
     out: str = typer.Option(..., "--out", help="run folder (created; re-running resumes)"),
     findings: list[str] = typer.Option(None, "--findings", help="only remove these findings (repeat the option or separate by commas)"),
@@ -210,7 +251,8 @@ def explain(
     device: str = typer.Option(None, "--device", help="torch device for the tailored SD"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start over: empty the run folder (one cyclex made) first"),
     search: bool = typer.Option(False, "--search/--no-search", help="metric-guided search over inference settings "
-                                "per finding (seed 000 Algorithm 1, made cheap); variants nti, negative-prompt, direct"),
+                                "per finding (seed 000 Algorithm 1, made cheap); variants "
+                                f"{', '.join(SEARCHABLE_VARIANTS)}"),
     required_score: int = typer.Option(5, "--required-score", help="search: CF_Score (0-5) a counterfactual needs"),
     thresholds: str = typer.Option(None, "--thresholds", help="search: cf_thresholds.json (default: the demo's "
                                    "calibration for demo generators, seed 000 Table 2 otherwise)"),
@@ -253,6 +295,14 @@ def explain(
         except ValueError:
             raise ValueError(f"--frame-threshold must be a number on 0-255 or 'stable', got {frame_threshold!r}") from None
         names = [name.strip() for value in (findings or []) for name in value.split(",") if name.strip()]
+        # 1. What can be refused from the options alone is refused before any model is loaded
+        check_variant(variant, search=search, difference_reference=difference_reference.value)
+        from cyclex.specs.tailored import generator_mismatch, resolve_tailored
+
+        tailored = str(resolve_tailored(tailored))
+        mismatch = generator_mismatch(tailored, generator)
+        if mismatch:
+            console.print(f"[yellow]warning:[/yellow] {mismatch}")
         search_grid, scorer = None, None
         if search:
             from cyclex.specs.scorers import is_demo_generator_spec, search_scorer_from_specs
@@ -282,11 +332,19 @@ def explain(
         summary = run_explain(load_generator(generator), tailored, images, out, settings=settings, labeler_spec=labeler,
                               generator_spec=generator, maker_kwargs=maker_kwargs, scorer=scorer, overwrite=overwrite)
     except (FileNotFoundError, ValueError, KeyError, TypeError, RunFolderError, UnknownFindingError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        console.print(f"[red]error:[/red] {for_the_command_line(str(message), _EXPLAIN_FLAGS)}")
         raise typer.Exit(code=1) from None
     rate = summary["cyclic_rate"]
     console.print(f"Cyclic Rate {'-' if rate is None else f'{rate:.3f}'} "
                   f"({summary['n_verified']}/{summary['n']} findings, {summary['n_images']} images)")
+    if search:
+        accepted, attempted = search_acceptance(out)
+        console.print(f"search: {accepted}/{attempted} counterfactuals accepted (CF_Score >= {required_score} and the "
+                      "cycle verified)" + ("" if accepted == attempted else
+                                           f"; the other {attempted - accepted} are the best candidate the search "
+                                           "found, marked 'search: not accepted' in the report, and count in the "
+                                           "Cyclic Rate above"))
     for finding, entry in summary["per_finding"].items():
         console.print(f"  {finding}: {entry['cyclic_rate']:.3f} ({entry['n_verified']}/{entry['n']})")
     from cyclex.cycle.report_html import write_run_report
@@ -297,9 +355,37 @@ def explain(
         console.print(f"search: {out}/search_attempts.jsonl (every attempt), {out}/search_ablation.json")
 
 
+def check_variant(variant: str, *, search: bool, difference_reference: str) -> None:
+    """Refuse, naming the flags, what `explain` would only find out after loading its models."""
+    from cyclex.counterfactuals import BUILTIN_MAKERS, get_maker_factory
+
+    try:
+        get_maker_factory(variant)
+    except KeyError as error:
+        raise ValueError(f"--variant: {error.args[0]}") from None
+    if not search:
+        return
+    if variant.strip().lower() in BUILTIN_MAKERS and variant.strip().lower() not in SEARCHABLE_VARIANTS:
+        raise ValueError(f"--search cannot search --variant {variant}: the search makes its candidates with the "
+                         "maker's invert() and edit(), which would skip this variant's own edit; use --variant "
+                         f"{' | '.join(SEARCHABLE_VARIANTS)}, or drop --search")
+    if difference_reference == "reconstruction":
+        raise ValueError("--search picks settings per finding, so no single reconstruction matches its "
+                         "counterfactuals: use --difference-reference query with --search")
+
+
+def search_acceptance(out: str | Path) -> tuple[int, int]:
+    """(accepted, attempted) searched counterfactuals of a run folder's results."""
+    import json
+
+    lines = [json.loads(x) for x in (Path(out) / "results.jsonl").read_text().splitlines() if x.strip()]
+    details = [line.get("maker_details") or {} for line in lines]
+    return sum(bool(d.get("accepted")) for d in details), len(details)
+
+
 @app.command("train-tailored")
 def train_tailored_command(
-    generator: str = typer.Option(..., "--generator", help="generator spec, e.g. 'demo:clean', 'hf:PATH', 'r2gen:...'"),
+    generator: str = typer.Option(..., "--generator", help=GENERATOR_HELP),
     images: str = typer.Option(..., "--images", help="the generator's training images: a folder (phantom folder or "
                                "image files) or a CSV with image[, id, report] columns"),
     base: str = typer.Option(..., "--base", help="base Stable Diffusion: a local diffusers folder or a hub id"),
@@ -374,7 +460,7 @@ def train_tailored_command(
             console.print(f"best PSNR: {selection['best_psnr']}  best L1: {selection['best_l1']}  "
                           f"best L2: {selection['best_l2']}")
     except (ValueError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {for_the_command_line(str(err), _TRAIN_FLAGS)}")
         raise typer.Exit(code=2) from err
 
 
@@ -384,15 +470,24 @@ def label_command(
     column: str = typer.Option("report", "--column", help="name of the report text column"),
     labeler: str = typer.Option("rules", "--labeler", help="'rules' or 'chexbert:PATH/chexbert.pth[::TOKENIZER_DIR]'"),
     out: str = typer.Option(..., "--out", help="labels CSV to write: the report column + 14 findings (1/0/-1/blank)"),
+    encoding: str = typer.Option("utf-8", "--encoding", help="text encoding of the reports CSV (a UTF-8 BOM is "
+                                 "ignored), e.g. latin-1 or cp1252 for files saved by older spreadsheets"),
 ) -> None:
-    """Label free-text reports with CheXbert's 14 findings, written as a CheXpert-style CSV."""
+    """Label free-text reports with CheXbert's 14 findings, written as a CheXpert-style CSV.
+
+    Cells are read as text (NaN / None stay words); invisible bidi and zero-width characters are
+    removed before labelling; report cells starting with =, +, -, @ are written with a leading '.
+    """
+    import logging
+
     from rich.console import Console
     from rich.markup import escape
 
     from cyclex.labelers.registry import label_csv
 
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        labels = label_csv(reports_csv, out, column=column, labeler=labeler)
+        labels = label_csv(reports_csv, out, column=column, labeler=labeler, encoding=encoding)
     except (FileNotFoundError, KeyError, ValueError, TypeError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(message))}")
@@ -403,23 +498,20 @@ def label_command(
 
 @app.command("generate")
 def generate_command(
-    generator: str = typer.Argument(..., help="generator spec: hf:PATH | r2gen:REPO::CKPT::ANN | python:mod:fn | demo:clean"),
+    generator: str = typer.Argument(..., help=GENERATOR_HELP),
     images: list[str] = typer.Argument(..., help="X-ray files (PNG, JPEG, DICOM, ...)"),
     out: str = typer.Option(None, "--out", help="CSV to write (image, report); default: print"),
     batch_size: int = typer.Option(16, "--batch-size", help="images per generator call"),
 ) -> None:
     """Run a report generator over image files; unreadable files are listed and skipped."""
-    import csv
-    import io
-    import os
-    import tempfile
-
     import numpy as np
     import torch
     from rich.console import Console
     from rich.markup import escape
 
     from cyclex.adapters import GeneratorError
+    from cyclex.atomic_io import write_bytes_atomic
+    from cyclex.csv_text import csv_bytes
     from cyclex.datasets.images import ImageReadError, read_image, resize_image
     from cyclex.specs.generators import load_generator
 
@@ -448,16 +540,10 @@ def generate_command(
             failed.extend(p for p, _ in chunk)
             continue
         rows.extend(zip([p for p, _ in chunk], reports, strict=True))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["image", "report"])
-    writer.writerows(rows)
     if out:
-        directory = os.path.dirname(os.path.abspath(out))
-        handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(handle, "w", newline="") as stream:
-            stream.write(buffer.getvalue())
-        os.replace(temporary, out)
+        # file names and reports a spreadsheet would run as formulas get a leading '; OS file names
+        # that are not UTF-8 are written back as their own bytes
+        write_bytes_atomic(out, csv_bytes(["image", "report"], rows, text_columns=[0, 1], errors="surrogateescape"))
         Console().print(f"{len(rows)} reports -> {escape(out)}")
     else:
         for path, report in rows:

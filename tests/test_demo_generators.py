@@ -60,8 +60,27 @@ def test_short_training_run_gives_a_loadable_generator(tmp_path):
     assert len(reports) == 2 and all(isinstance(r, str) and r for r in reports)
 
 
-def test_demo_generator_path_uses_the_cache(tmp_path, monkeypatch):
+def test_fresh_home_installs_the_shipped_generator_instead_of_training(tmp_path, monkeypatch):
+    # the user's first `--generator demo:clean` on a fresh CYCLEX_HOME retrained it (110 s)
     monkeypatch.setenv("CYCLEX_HOME", str(tmp_path))
+
+    def no_training(name, out_dir, **kwargs):
+        raise AssertionError(f"demo generator {name} was trained although the package ships it")
+
+    monkeypatch.setattr(demo, "train_demo_generator", no_training)
+    generator = load_generator("demo:clean::device=cpu")
+    assert generator.info.name == "demo:clean"
+    path = tmp_path / "demo" / "generators" / "clean"
+    assert (path / "model.safetensors").is_file()
+    assert "generators/clean" in json.loads((tmp_path / "demo" / ".packaged.json").read_text())
+    assert len(generator.generate(torch.rand(1, 1, 64, 64))) == 1
+
+
+def test_demo_generator_path_uses_the_cache(tmp_path, monkeypatch):
+    from cyclex.demo import packaged
+
+    monkeypatch.setenv("CYCLEX_HOME", str(tmp_path))
+    monkeypatch.setattr(packaged, "PACKAGED_DIR", tmp_path / "nothing-shipped")  # a checkout without weights
     with pytest.raises(FileNotFoundError, match="scripts/train_demo_generators.py"):
         demo_generator_path("clean", train_if_missing=False)
     with pytest.raises(ValueError, match="unknown demo generator 'fancy'"):

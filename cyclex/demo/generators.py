@@ -299,11 +299,21 @@ def train_demo_generator(name: str, out_dir: str | Path, *, n_train: int | None 
 
 
 def demo_generator_path(name: str, *, train_if_missing: bool = True) -> Path:
-    """The cached folder of demo generator `name`, trained (a few minutes) when missing."""
+    """The cached folder of demo generator `name`: installed from the weights the package ships when
+    missing (seconds), trained (minutes) only when the package ships none."""
+    from cyclex.demo.packaged import install_packaged_assets
+
     if name not in DEMO_GENERATOR_NAMES:
         raise ValueError(f"unknown demo generator {name!r}; expected one of {DEMO_GENERATOR_NAMES}")
     path = cyclex_home() / "demo" / "generators" / name
-    if (path / METADATA_FILE).is_file() and (path / "config.json").is_file():
+
+    def complete() -> bool:
+        return (path / METADATA_FILE).is_file() and (path / "config.json").is_file()
+
+    if complete():
+        return path
+    if f"generators/{name}" in install_packaged_assets() and complete():
+        logger.info("demo generator %s installed from the shipped weights into %s", name, path)
         return path
     if not train_if_missing:
         raise FileNotFoundError(f"demo generator {name!r} not found at {path}; run "
