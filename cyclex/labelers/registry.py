@@ -12,13 +12,17 @@ Heavy libraries (spaCy, torch, transformers) are imported lazily, inside the fun
 
 from __future__ import annotations
 
-import csv
+import logging
 import os
-import tempfile
 from pathlib import Path
 
+from cyclex.atomic_io import write_bytes_atomic
+from cyclex.csv_text import DEFAULT_ENCODING, csv_bytes, read_csv_rows
 from cyclex.findings import FINDINGS, FindingLabels
 from cyclex.labelers.base import Labeler
+from cyclex.labelers.report_text import strip_invisible_controls
+
+logger = logging.getLogger(__name__)
 
 RULES_SPEC = "rules"
 CHEXBERT_PREFIX = "chexbert:"
@@ -53,17 +57,18 @@ def load_labeler(spec: str) -> Labeler:
                      f"'{CHEXBERT_PREFIX}PATH/chexbert.pth[{TOKENIZER_SEPARATOR}TOKENIZER]'")
 
 
-def read_report_column(csv_path: str | os.PathLike, column: str) -> list[str]:
-    """Read one text column of a CSV file; empty cells become empty strings."""
+def read_report_column(csv_path: str | os.PathLike, column: str, *, encoding: str = DEFAULT_ENCODING) -> list[str]:
+    """Read one text column of a CSV file as written: empty cells are '', the words NaN / None stay words.
+
+    A UTF-8 byte-order mark is ignored, cells of any length are read, and text in another encoding
+    than `encoding` raises `CsvEncodingError` (a `ValueError`) naming the file and line.
+    """
     path = Path(csv_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reports file {str(path)!r} does not exist")
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or column not in reader.fieldnames:
-            found = ", ".join(reader.fieldnames or []) or "none (empty file)"
-            raise KeyError(f"reports file {str(path)!r} has no column {column!r}; its columns are: {found}")
-        return [row[column] or "" for row in reader]
+    header, rows = read_csv_rows(path, encoding=encoding, what="reports file")
+    if column not in header:
+        found = ", ".join(header) or "none (empty file)"
+        raise KeyError(f"reports file {str(path)!r} has no column {column!r}; its columns are: {found}")
+    return [row[column] for row in rows]
 
 
 def write_labels_csv(reports: list[str], labels: list[FindingLabels], out_path: str | os.PathLike,
@@ -71,31 +76,29 @@ def write_labels_csv(reports: list[str], labels: list[FindingLabels], out_path: 
     """Write CheXpert-style labels atomically: the report column then the 14 findings.
 
     Cells hold the CheXpert codes 1 (positive), 0 (negative), -1 (uncertain) or nothing (blank).
+    Report cells a spreadsheet would run as a formula (=, +, -, @ first) are written with a leading '.
     """
     if len(reports) != len(labels):
         raise ValueError(f"got {len(reports)} reports but {len(labels)} label rows")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     codes = {"positive": "1", "negative": "0", "uncertain": "-1", "blank": ""}
-    handle = tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", suffix=".tmp",
-                                         delete=False, newline="", encoding="utf-8")
-    try:
-        with handle:
-            writer = csv.writer(handle)
-            writer.writerow([report_column, *FINDINGS])
-            for report, row in zip(reports, labels, strict=True):
-                writer.writerow([report, *(codes[row.states[f].value] for f in FINDINGS)])
-        os.replace(handle.name, out)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return out
+    rows = ([report, *(codes[row.states[f].value] for f in FINDINGS)]
+            for report, row in zip(reports, labels, strict=True))
+    return write_bytes_atomic(out_path, csv_bytes([report_column, *FINDINGS], rows, text_columns=[0]))
 
 
 def label_csv(csv_path: str | os.PathLike, out_path: str | os.PathLike, *, column: str = "report",
-              labeler: Labeler | str = RULES_SPEC) -> list[FindingLabels]:
-    """Label one column of a reports CSV and write the CheXpert-style labels CSV to `out_path`."""
-    reports = read_report_column(csv_path, column)
+              labeler: Labeler | str = RULES_SPEC, encoding: str = DEFAULT_ENCODING) -> list[FindingLabels]:
+    """Label one column of a reports CSV and write the CheXpert-style labels CSV to `out_path`.
+
+    Invisible format characters (bidi controls, zero-width spaces) are removed first, so the text
+    labelled and written is the text a reader sees.
+    """
+    raw = read_report_column(csv_path, column, encoding=encoding)
+    reports = [strip_invisible_controls(report) for report in raw]
+    changed = sum(a != b for a, b in zip(raw, reports, strict=True))
+    if changed:
+        logger.warning("%s: removed invisible control characters (bidi, zero-width) from %d of %d reports",
+                       csv_path, changed, len(reports))
     chosen = load_labeler(labeler) if isinstance(labeler, str) else labeler
     labels = chosen.label(reports)
     write_labels_csv(reports, labels, out_path, report_column=column)
