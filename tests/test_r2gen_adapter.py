@@ -173,7 +173,45 @@ def test_bad_checkpoints_name_the_file(tmp_path, r2gen_files):
     other_vocab = write_annotation(tmp_path / "other.json")
     other_vocab.write_text(json.dumps({"train": [{"report": "Lungs clear. Lungs clear.", "image_path": ["a", "b"]}]}))
     ckpt = make_checkpoint(FAKE_R2GEN, R2GEN, ann, tmp_path / "ok.pth")
-    with pytest.raises(GeneratorError, match="does not fit R2GenModel"):
+    with pytest.raises(GeneratorError, match="no threshold reproduces 9 from this annotation file"):
         R2GenGenerator(FAKE_R2GEN, ckpt, other_vocab, device="cpu")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         R2GenGenerator(FAKE_R2GEN, tmp_path / "missing.pth", ann, device="cpu")
+
+
+def write_threshold_annotation(path: Path) -> Path:
+    """Train reports whose words occur 3 times, plus one phrase occurring twice: threshold 2 and 3 differ."""
+    reports = ["The heart is enlarged."] * 3 + ["No acute disease."] * 3 + ["Mild scoliosis."] * 2
+    train = [{"id": f"t{i}", "report": r, "image_path": ["CXR1/0.png", "CXR1/1.png"], "split": "train"}
+             for i, r in enumerate(reports)]
+    path.write_text(json.dumps({"train": train, "val": train[:1], "test": train[:1]}))
+    return path
+
+
+def test_a_checkpoint_trained_with_another_threshold_is_loaded_with_the_one_that_fits(tmp_path, caplog):
+    # the user's R2Gen checkpoint was trained with --threshold 10; the checkout's default (here 2) used
+    # to end in a raw "size mismatch for encoder_decoder.logit.weight" traceback
+    ann = write_threshold_annotation(tmp_path / "annotation.json")
+    ckpt = make_checkpoint(FAKE_R2GEN, R2GEN, ann, tmp_path / "model_best.pth", threshold="3")
+    with caplog.at_level("WARNING", logger="cyclex.adapters.r2gen"):
+        generator = R2GenGenerator(FAKE_R2GEN, ckpt, ann, device="cpu", overrides={"beam_size": "1"})
+    assert generator.args.threshold == 3
+    assert generator.generate(torch.ones(1, 1, 16, 16)) == [BRIGHT_REPORT]
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "vocabulary of 9 tokens (encoder_decoder.logit.weight has 10 rows)" in message
+    assert "threshold=2" in message and "gives 11" in message and "using threshold=3" in message
+
+
+def test_a_wrong_explicit_threshold_says_exactly_which_to_pass(tmp_path):
+    ann = write_threshold_annotation(tmp_path / "annotation.json")
+    ckpt = make_checkpoint(FAKE_R2GEN, R2GEN, ann, tmp_path / "model_best.pth", threshold="3")
+    with pytest.raises(GeneratorError) as refused:
+        load_generator(f"r2gen:{FAKE_R2GEN}::{ckpt}::{ann}::threshold=2,device=cpu")
+    message = str(refused.value)
+    assert "size mismatch" not in message
+    assert f"threshold=3 reproduces it: pass r2gen:{FAKE_R2GEN.resolve()}::{ckpt}::{ann}::threshold=3" in message
+    # an annotation file that cannot give the checkpoint's vocabulary at any threshold: said so
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"train": [{"report": "Lungs clear.", "image_path": ["a", "b"]}]}))
+    with pytest.raises(GeneratorError, match="no threshold reproduces 9 from this annotation file"):
+        R2GenGenerator(FAKE_R2GEN, ckpt, other, device="cpu")

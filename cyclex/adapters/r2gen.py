@@ -25,7 +25,11 @@ What the adapter does, and why:
   checkpoint overwrites anyway.
 * the repo goes on `sys.path` only while importing, and its top-level packages (`models`, `modules`)
   are removed from `sys.modules` afterwards, so R2Gen and R2GenCMN (same package names) coexist.
-* the checkpoint is read with `torch.load(..., weights_only=True)["state_dict"]`.
+* the checkpoint is read with `torch.load(..., weights_only=True)["state_dict"]`; its vocabulary
+  size (rows of `encoder_decoder.logit.weight`) is compared with the tokenizer's: a checkpoint
+  trained with another `--threshold` is loaded with the threshold that reproduces its size from the
+  annotation file (a warning says which), or, when `threshold=` was given, refused with the exact
+  `threshold=` to pass.
 * images: (B, 1, H, W) in [0, 1] -> RGB, 224 x 224, ImageNet mean/std, as the repo's test
   transform (Resize((224, 224)), ToTensor, Normalize); iu_xray gets (B, 2, 3, 224, 224), a single
   view being repeated.
@@ -337,8 +341,13 @@ class R2GenGenerator:
             # 2. Tokenizer from the annotation, model from args (inside: lazy imports may still run)
             self.tokenizer = tokenizer_cls(self.args)
             model = model_cls(self.args, self.tokenizer)
-        # 3. Weights
-        state_dict = load_state_dict(self.checkpoint)
+            # 3. Weights; a checkpoint trained with another vocabulary threshold names the one it needs
+            state_dict = load_state_dict(self.checkpoint)
+            threshold = self._threshold_for(model, state_dict, explicit="threshold" in dict(overrides or {}))
+            if threshold is not None:
+                self.args.threshold = threshold
+                self.tokenizer = tokenizer_cls(self.args)
+                model = model_cls(self.args, self.tokenizer)
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as error:
@@ -348,6 +357,33 @@ class R2GenGenerator:
         self.model = model.to(self.device).eval()
         self.info = GeneratorInfo(name=name, input_size=INPUT_SIZE, channels=3, mean=IMAGENET_MEAN,
                                   std=IMAGENET_STD, views_per_study=self.views)
+
+    def _threshold_for(self, model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *,
+                       explicit: bool) -> int | None:
+        """The vocabulary threshold the checkpoint was trained with, when it is not the current one.
+
+        Returns None when the checkpoint's vocabulary size matches; the threshold that reproduces it
+        from the annotation file when the user did not set one (with a warning); raises GeneratorError
+        naming the exact `threshold=` to pass (or saying none reproduces it) otherwise.
+        """
+        current = len(self.tokenizer.idx2token)
+        trained, where = checkpoint_vocabulary_size(model.state_dict(), state_dict, current)
+        if trained is None or trained == current:
+            return None
+        sizes = vocabulary_sizes(self.tokenizer)
+        matching = [t for t, size in sizes.items() if size == trained]
+        spec = f"{self.family.spec_prefix}:{self.repo}::{self.checkpoint}::{self.ann_path}"
+        told = (f"checkpoint {self.checkpoint} was trained with a vocabulary of {trained} tokens ({where}), but "
+                f"threshold={self.args.threshold} on {self.ann_path} gives {current}")
+        if not matching:
+            known = ", ".join(f"threshold={t}: {n}" for t, n in list(sizes.items())[:8])
+            raise GeneratorError(f"{told}, and no threshold reproduces {trained} from this annotation file ({known}); "
+                                 "pass the annotation.json the model was trained on")
+        if explicit:
+            raise GeneratorError(f"{told}; threshold={matching[0]} reproduces it: pass {spec}::threshold={matching[0]}")
+        logger.warning("%s; using threshold=%d, which reproduces it (add ::threshold=%d to the spec to say so)",
+                       told, matching[0], matching[0])
+        return matching[0]
 
     def generate(self, images) -> list[str]:
         """images: paths, PIL images, arrays, (B, 1, H, W) or (B, V, 1, H, W) tensors in [0, 1]
@@ -373,6 +409,50 @@ class R2GenCMNGenerator(R2GenGenerator):
     `BaseCMNModel(args, tokenizer)`, defaults from `main_train.py`; otherwise as `R2GenGenerator`."""
 
     family = R2GENCMN
+
+
+def checkpoint_vocabulary_size(model_state: Mapping[str, torch.Tensor], checkpoint_state: Mapping[str, torch.Tensor],
+                               vocabulary: int) -> tuple[int | None, str]:
+    """(the vocabulary size a checkpoint was trained with, the tensor that shows it), or (None, "").
+
+    R2Gen / R2GenCMN size their output layer and target embedding `vocabulary + 1` (index 0 is
+    <bos>/<eos>/<pad>); a tensor whose shapes differ only where the model has `vocabulary + 1`
+    (encoder_decoder.logit.weight first) gives the checkpoint's size.
+    """
+    found: list[tuple[str, int]] = []
+    for key, tensor in checkpoint_state.items():
+        mine = model_state.get(key)
+        if mine is None or tuple(mine.shape) == tuple(tensor.shape) or mine.ndim != tensor.ndim:
+            continue
+        for a, b in zip(mine.shape, tensor.shape, strict=True):
+            if a != b and a == vocabulary + 1:
+                found.append((key, int(b) - 1))
+    if not found:
+        return None, ""
+    found.sort(key=lambda item: (not item[0].endswith("logit.weight"), item[0]))
+    key, size = found[0]
+    return size, f"{key} has {size + 1} rows"
+
+
+def vocabulary_sizes(tokenizer) -> dict[int, int]:
+    """{threshold: vocabulary size} the repo's Tokenizer would build from its annotation's train split.
+
+    Uses the tokenizer's own `clean_report` and `ann` (the official Tokenizer keeps both), so the
+    counts are exactly those its `create_vocabulary` thresholds; the size counts <unk>.
+    """
+    from collections import Counter
+
+    annotation = getattr(tokenizer, "ann", None)
+    clean = getattr(tokenizer, "clean_report", None)
+    if not isinstance(annotation, Mapping) or not callable(clean):
+        return {}
+    counts = Counter(token for example in annotation.get("train", []) for token in clean(example["report"]).split())
+    if not counts:
+        return {}
+    sizes: dict[int, int] = {}
+    for threshold in range(1, max(counts.values()) + 1):
+        sizes[threshold] = sum(n >= threshold for n in counts.values()) + 1
+    return sizes
 
 
 def load_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
