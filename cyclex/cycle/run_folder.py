@@ -15,6 +15,8 @@ Layout::
                              frame.png (contours on the query), frame_mask.png (the frame's
                              K components, 0/255), signed.npy / positive.npy (float32
                              maps), mask.png (ground-truth mask, when the input had one),
+                             difference_original.png / frame_original.png (the map and frame
+                             on the query as given, when it was resized to the SD's side),
                              shortcut_mask.png (phantoms with the spurious marker),
                              NAME.npy per extra map of the maker (RSE: guidance_map, edit_mask)
                              and NAME.png for those over the image
