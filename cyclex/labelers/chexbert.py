@@ -12,7 +12,11 @@ The official checkpoint was saved from `nn.DataParallel`, so its layout is
 `save_chexbert_checkpoint` writes it. Reports are pre-processed as CheXbert does (strip, collapse
 whitespace), tokenized with bert-base-uncased's WordPiece and truncated to 512 tokens
 (the first 511 then [SEP]). The `f1chexbert` package downloads from a hub at construction; here
-every file is local unless a hub id is given on purpose.
+every file is local unless a hub id is given on purpose: the checkpoint is read and checked first,
+then the tokenizer comes from the folder given, else from beside the checkpoint, else from
+bert-base-uncased in the local Hugging Face cache (`from_checkpoint(tokenizer=None)`), each read with
+``local_files_only=True``; only a hub id the user names (``chexbert:PATH::bert-base-uncased``) is
+looked up on the hub.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from transformers import BertConfig, BertModel, BertTokenizer
 
 from cyclex.findings import ABNORMALITIES, FINDINGS, NO_FINDING, FindingLabels, LabelState
 from cyclex.labelers.base import check_report_texts
+from cyclex.labelers.report_text import strip_invisible_controls
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +68,9 @@ class CheXbertModel(nn.Module):
 
 
 def preprocess_report(report: str) -> str:
-    """CheXbert's cleaning: strip and collapse every whitespace run (newlines too) to one space."""
-    return re.sub(r"\s+", " ", report).strip()
+    """CheXbert's cleaning: strip and collapse every whitespace run (newlines too) to one space, after
+    removing the invisible bidi / zero-width characters that could hide a finding from the reader."""
+    return re.sub(r"\s+", " ", strip_invisible_controls(report)).strip()
 
 
 def save_chexbert_checkpoint(model: CheXbertModel, path: str | os.PathLike) -> Path:
@@ -83,11 +89,11 @@ def save_chexbert_checkpoint(model: CheXbertModel, path: str | os.PathLike) -> P
     return out
 
 
-def load_chexbert_state(model: CheXbertModel, path: str | os.PathLike) -> CheXbertModel:
-    """Load an official-layout checkpoint into `model` (strictly: every key and shape must match).
+def read_chexbert_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of an official-layout checkpoint, `module.` prefixes removed (no model needed).
 
-    Raises `FileNotFoundError` when the file is missing and `ValueError` naming the file and the
-    missing / unexpected keys or mismatched shapes otherwise.
+    Raises `FileNotFoundError` when the file is missing and `ValueError` naming the file when it is
+    not a `torch.load(weights_only=True)` file with a `model_state_dict` entry.
     """
     path = Path(path)
     if not path.is_file():
@@ -102,10 +108,26 @@ def load_chexbert_state(model: CheXbertModel, path: str | os.PathLike) -> CheXbe
         found = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"CheXbert checkpoint {str(path)!r} has no {STATE_DICT_KEY!r} entry "
                          f"(found: {found}); expected the official chexbert.pth layout")
+    if not isinstance(checkpoint[STATE_DICT_KEY], dict):
+        raise ValueError(f"CheXbert checkpoint {str(path)!r}: {STATE_DICT_KEY!r} is a "
+                         f"{type(checkpoint[STATE_DICT_KEY]).__name__}, expected a dict of tensors")
     state = {(k[len(DATA_PARALLEL_PREFIX):] if k.startswith(DATA_PARALLEL_PREFIX) else k): v
              for k, v in checkpoint[STATE_DICT_KEY].items()}
     for key in _REBUILT_BUFFERS:
         state.pop(key, None)
+    return state
+
+
+def load_chexbert_state(model: CheXbertModel, path: str | os.PathLike,
+                        state: dict[str, torch.Tensor] | None = None) -> CheXbertModel:
+    """Load an official-layout checkpoint into `model` (strictly: every key and shape must match).
+
+    state: the file's `read_chexbert_state`, when already read. Raises `FileNotFoundError` when the
+    file is missing and `ValueError` naming the file and the missing / unexpected keys or mismatched
+    shapes otherwise.
+    """
+    path = Path(path)
+    state = read_chexbert_state(path) if state is None else state
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -127,17 +149,54 @@ def _is_local_path(name: str) -> bool:
     return os.sep in name or name.startswith((".", "~")) or Path(name).exists()
 
 
+def _has_tokenizer_files(folder: Path) -> bool:
+    return (folder / "vocab.txt").is_file() or (folder / "tokenizer.json").is_file()
+
+
+def cached_hub_folder(repo_id: str = DEFAULT_TOKENIZER) -> Path | None:
+    """The snapshot folder of `repo_id` in the local Hugging Face cache when it holds a tokenizer, else None.
+
+    Reads the cache's files only (`try_to_load_from_cache`); never contacts the hub.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("vocab.txt", "tokenizer.json"):
+        found = try_to_load_from_cache(repo_id, filename)
+        if isinstance(found, str):
+            return Path(found).parent
+    return None
+
+
+def local_tokenizer_folder(checkpoint: str | os.PathLike) -> Path:
+    """Where the tokenizer is when none is named: beside the checkpoint, else bert-base-uncased in the
+    local Hugging Face cache. Raises `FileNotFoundError` saying what to pass otherwise (no download)."""
+    beside = Path(checkpoint).expanduser().parent
+    if _has_tokenizer_files(beside):
+        return beside
+    cached = cached_hub_folder(DEFAULT_TOKENIZER)
+    if cached is not None:
+        return cached
+    raise FileNotFoundError(
+        f"no tokenizer for the CheXbert checkpoint {str(checkpoint)!r}: no vocab.txt or tokenizer.json beside it "
+        f"in {str(beside)!r} and no {DEFAULT_TOKENIZER} in the local Hugging Face cache; pass a local "
+        f"{DEFAULT_TOKENIZER} folder ('chexbert:PATH.pth::TOKENIZER_DIR'), or the hub id on purpose "
+        f"('chexbert:PATH.pth::{DEFAULT_TOKENIZER}', downloads it)")
+
+
 def load_bert_tokenizer(name_or_path: str | os.PathLike) -> BertTokenizer:
-    """bert-base-uncased's WordPiece tokenizer from a local folder (with vocab.txt) or a hub id."""
+    """bert-base-uncased's WordPiece tokenizer from a local folder (with vocab.txt) or a hub id.
+
+    A local folder is read with local_files_only=True (no hub request); only a hub id goes online.
+    """
     name = str(name_or_path)
     if _is_local_path(name):
         folder = Path(name).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"tokenizer folder {name!r} does not exist (expected a folder with "
                                     "vocab.txt, e.g. bert-base-uncased saved with save_pretrained)")
-        if not (folder / "vocab.txt").is_file() and not (folder / "tokenizer.json").is_file():
+        if not _has_tokenizer_files(folder):
             raise FileNotFoundError(f"tokenizer folder {name!r} has neither vocab.txt nor tokenizer.json")
-        return BertTokenizer.from_pretrained(str(folder))
+        return BertTokenizer.from_pretrained(str(folder), local_files_only=True)
     try:
         return BertTokenizer.from_pretrained(name)
     except OSError as error:
@@ -147,18 +206,20 @@ def load_bert_tokenizer(name_or_path: str | os.PathLike) -> BertTokenizer:
 
 def resolve_bert_config(tokenizer: str | os.PathLike, config: BertConfig | str | os.PathLike | None) -> BertConfig:
     """The BERT config: `config` if given (object, config.json or folder), else the tokenizer folder's
-    config.json, else bert-base-uncased's (which `BertConfig()` defaults to)."""
+    config.json, else bert-base-uncased's (which `BertConfig()` defaults to). Local files are read
+    with local_files_only=True; only a hub id other than bert-base-uncased is looked up online."""
     if isinstance(config, BertConfig):
         return config
     if config is not None:
         path = Path(config)
         if not path.exists():
             raise FileNotFoundError(f"BERT config {str(path)!r} does not exist")
-        return BertConfig.from_json_file(str(path)) if path.is_file() else BertConfig.from_pretrained(str(path))
+        return (BertConfig.from_json_file(str(path)) if path.is_file()
+                else BertConfig.from_pretrained(str(path), local_files_only=True))
     name = str(tokenizer)
     if _is_local_path(name):
         if (Path(name) / "config.json").is_file():
-            return BertConfig.from_pretrained(name)
+            return BertConfig.from_pretrained(name, local_files_only=True)
         logger.info("no config.json in %s: using bert-base-uncased's BERT config", name)
         return BertConfig()
     if name == DEFAULT_TOKENIZER:
@@ -184,16 +245,23 @@ class CheXbertLabeler:
         self.batch_size = batch_size
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | os.PathLike, *, tokenizer: str | os.PathLike = DEFAULT_TOKENIZER,
+    def from_checkpoint(cls, checkpoint: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                         config: BertConfig | str | os.PathLike | None = None,
                         device: str | torch.device | None = None, batch_size: int = 16) -> CheXbertLabeler:
-        """Load the official `chexbert.pth` with the tokenizer (and BERT config) of `tokenizer`."""
-        if not Path(checkpoint).is_file():  # fail before building a 110M-parameter BERT
-            raise FileNotFoundError(f"CheXbert checkpoint {str(checkpoint)!r} does not exist "
-                                    "(expected the official chexbert.pth)")
-        bert_tokenizer = load_bert_tokenizer(tokenizer)
-        model = CheXbertModel(resolve_bert_config(tokenizer, config))
-        load_chexbert_state(model, checkpoint)
+        """Load the official `chexbert.pth` with the tokenizer (and BERT config) of `tokenizer`.
+
+        tokenizer: a local folder or a hub id (only then is the hub contacted); None: the folder
+        beside the checkpoint, else bert-base-uncased from the local Hugging Face cache
+        (`local_tokenizer_folder`). The checkpoint is read and checked before any tokenizer is looked for.
+        """
+        # 1. the local checkpoint first: a missing or broken file fails at once, before any lookup
+        state = read_chexbert_state(checkpoint)
+        # 2. the tokenizer: local unless a hub id was named
+        source = local_tokenizer_folder(checkpoint) if tokenizer is None else tokenizer
+        bert_tokenizer = load_bert_tokenizer(source)
+        # 3. the model, strictly matched to the checkpoint
+        model = CheXbertModel(resolve_bert_config(source, config))
+        load_chexbert_state(model, checkpoint, state)
         return cls(model, bert_tokenizer, device=device, batch_size=batch_size)
 
     def encode(self, report: str) -> list[int]:

@@ -4,8 +4,9 @@ Specs understood by `load_labeler`:
 
 - ``"rules"``: the offline `RuleLabeler` (spaCy rules, negation, uncertainty).
 - ``"chexbert:PATH/chexbert.pth"`` or ``"chexbert:PATH/chexbert.pth::TOKENIZER"``: CheXbert from the
-  official checkpoint; TOKENIZER is a local bert-base-uncased folder or a hub id
-  (default ``bert-base-uncased``).
+  official checkpoint; TOKENIZER is a local bert-base-uncased folder or a hub id (the only case that
+  contacts the hub); without it, the tokenizer beside the checkpoint or bert-base-uncased in the
+  local Hugging Face cache.
 
 Heavy libraries (spaCy, torch, transformers) are imported lazily, inside the functions that need them.
 """
@@ -47,9 +48,10 @@ def load_labeler(spec: str) -> Labeler:
         if not Path(checkpoint).is_file():  # before importing torch and transformers
             raise FileNotFoundError(f"CheXbert checkpoint {checkpoint!r} does not exist "
                                     "(expected the official chexbert.pth)")
-        from cyclex.labelers.chexbert import DEFAULT_TOKENIZER, CheXbertLabeler
+        from cyclex.labelers.chexbert import CheXbertLabeler
 
-        return CheXbertLabeler.from_checkpoint(checkpoint, tokenizer=tokenizer or DEFAULT_TOKENIZER)
+        # no tokenizer named: beside the checkpoint or the local cache, never a download
+        return CheXbertLabeler.from_checkpoint(checkpoint, tokenizer=tokenizer or None)
     if spec == "chexbert":
         raise ValueError("the chexbert labeler needs its checkpoint: use "
                          f"'{CHEXBERT_PREFIX}PATH/chexbert.pth[{TOKENIZER_SEPARATOR}TOKENIZER]'")
