@@ -75,7 +75,11 @@ def test_a_maker_that_cannot_be_searched_is_refused_before_any_model_loads(tmp_p
 
 
 def test_search_states_accepted_of_attempted_and_the_page_marks_the_rest(tmp_path):
-    from cyclex.demo.phantom_classifier import PhantomClassifier, PhantomClassifierConfig, PhantomClassifierNet
+    from cyclex.demo.phantom_classifier import (
+        PhantomClassifier,
+        PhantomClassifierConfig,
+        PhantomClassifierNet,
+    )
     from cyclex.explain.cf_threshold_calibration import save_cf_thresholds
     from cyclex.explain.scores import CFThresholds
 
