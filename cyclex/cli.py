@@ -276,12 +276,23 @@ def explain(
     maker_option: list[str] = typer.Option(None, "--maker-option", help="KEY=VALUE setting of the variant's maker, "
                                            "repeatable; e.g. for --variant rse: tau=0.2, relevance_draws=8, "
                                            "relevance_strength=0.5, prior=none, paste_query_outside_mask=true"),
+    generator_timeout: float = typer.Option(None, "--generator-timeout", min=0.001,
+                                            help="seconds one generator call (a batch of images) may take before "
+                                            "its images are listed as failed in RUN/skipped.jsonl (default: no "
+                                            "limit; a first GPU call may be slow)"),
 ) -> None:
-    """Remove each finding, make the counterfactual, regenerate, verify; write frames into a run folder."""
+    """Remove each finding, make the counterfactual, regenerate, verify; write frames into a run folder.
+
+    Images the generator fails on (it raises, exits, hangs past --generator-timeout, or answers an
+    empty or malformed report) are listed in RUN/skipped.jsonl and not marked done: a rerun retries
+    them; the command then ends with exit code 1.
+    """
     import logging
 
     from rich.console import Console
+    from rich.markup import escape
 
+    from cyclex.adapters import GeneratorError
     from cyclex.cycle.run_folder import RunFolderError, run_explain
     from cyclex.cycle.settings import ExplainSettings, FrameSettings, SearchGrid
     from cyclex.findings import UnknownFindingError
@@ -330,8 +341,10 @@ def explain(
                                  estimate_chest_boxes=estimate_chest_box),
         )
         summary = run_explain(load_generator(generator), tailored, images, out, settings=settings, labeler_spec=labeler,
-                              generator_spec=generator, maker_kwargs=maker_kwargs, scorer=scorer, overwrite=overwrite)
-    except (FileNotFoundError, ValueError, KeyError, TypeError, RunFolderError, UnknownFindingError) as error:
+                              generator_spec=generator, maker_kwargs=maker_kwargs, scorer=scorer, overwrite=overwrite,
+                              generator_timeout_s=generator_timeout)
+    except (FileNotFoundError, ValueError, KeyError, TypeError, RunFolderError, UnknownFindingError,
+            GeneratorError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         console.print(f"[red]error:[/red] {for_the_command_line(str(message), _EXPLAIN_FLAGS)}")
         raise typer.Exit(code=1) from None
@@ -353,6 +366,16 @@ def explain(
     console.print(f"results: {out}/results.jsonl, summary: {out}/summary.json, report: {page}")
     if search:
         console.print(f"search: {out}/search_attempts.jsonl (every attempt), {out}/search_ablation.json")
+    if summary.get("n_images_failed"):
+        from cyclex.cycle.generator_faults import GENERATOR_STAGE, SKIPPED_NAME, SkippedItems
+
+        failed = SkippedItems(out).of_stage(GENERATOR_STAGE)
+        for line in failed[:10]:
+            console.print(f"[red]failed:[/red] {escape(line['id'])}: {escape(line['error'])}")
+        console.print(f"[red]the generator failed on {len(failed)} of {summary['n_images']} images[/red]: listed "
+                      f"in {escape(str(Path(out) / SKIPPED_NAME))}, not marked done; rerun the same command to "
+                      "retry them")
+        raise typer.Exit(code=1)
 
 
 def check_variant(variant: str, *, search: bool, difference_reference: str) -> None:

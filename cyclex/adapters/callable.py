@@ -28,8 +28,9 @@ def generate_in_batches(
     images: paths, PIL images, arrays or tensors (`cyclex.adapters.inputs`), turned here into
     (B, 1, H, W) (or a (B, V, 1, H, W) tensor of studies) float in [0, 1]. mixed_sizes_to: (H, W)
     images of different sizes are resized to (the model's input size; None refuses them).
-    Returns B strings. Any exception raised by `generate_batch`, or an answer that is not a list of
-    one string per image, becomes a `GeneratorError` naming the generator and the failing chunk.
+    Returns B strings. Any exception raised by `generate_batch` (and `SystemExit`), or an answer that
+    is not a list of one string per image, becomes a `GeneratorError` naming the generator and the
+    failing chunk.
     """
     images = as_image_batch(images, views=True, size=mixed_sizes_to)
     total = images.shape[0]
@@ -47,6 +48,9 @@ def generate_in_batches(
             raise GeneratorError(f"{error} [{where}]") from error
         except Exception as error:  # any failure inside third-party model code: re-raise with context
             raise GeneratorError(f"generator {name} raised {type(error).__name__} on {where}: {error}") from error
+        except SystemExit as error:  # sys.exit() in user code must not end cyclex silently
+            raise GeneratorError(f"generator {name} called sys.exit({error.code!r}) on {where}; a generator must "
+                                 "return reports or raise an exception") from error
         try:
             reports.extend(check_reports(answer, chunk.shape[0], generator=name))
         except GeneratorError as error:

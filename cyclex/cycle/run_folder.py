@@ -59,6 +59,13 @@ from cyclex.atomic_io import (
     write_text_atomic,
 )
 from cyclex.cycle.explainer import CycleResult, CyclicExplainer, cyclic_rate
+from cyclex.cycle.generator_faults import (
+    GENERATOR_STAGE,
+    SKIPPED_NAME,
+    SkippedItems,
+    explain_isolating_faults,
+    guarded_generator,
+)
 from cyclex.cycle.original_overlays import write_original_overlays
 from cyclex.cycle.run_ownership import (  # noqa: F401  (RunFolderBusy: re-exported with RunFolderError)
     CONFIG_NAME,
@@ -294,6 +301,8 @@ def _write_results(out: Path, records: Sequence[Mapping[str, Any]], config: Mapp
         "settings": dict(config),
         "seconds_this_run": round(seconds, 3),
         "results": RESULTS_NAME,
+        # images the generator failed on (RUN/skipped.jsonl): not done, a rerun redoes them
+        "n_images_failed": len(SkippedItems(out).of_stage(GENERATOR_STAGE)),
         # who made these numbers: cyclex version, commit, libraries, device, date, labeler, frame rule, scorers
         "provenance": run_provenance(config),
     }
@@ -321,6 +330,7 @@ def run_explainer(
     progress: bool = True,
     run_settings: Mapping[str, Any] | None = None,
     explain_settings: ExplainSettings | None = None,
+    generator_timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """Explain every record with `explainer` into the run folder `out`; returns the summary dict.
 
@@ -328,6 +338,10 @@ def run_explainer(
     (x0, y0, x1, y1) and "masks" ({finding: mask png path}). findings: restrict removals to these.
     run_settings: extra settings recorded in run_config.json (generator spec, tailored folder ...).
     explain_settings: the typed settings the run was built from, saved as RUN/explain_settings.json.
+    generator_timeout_s: seconds one generator call may take (None: no limit).
+    Generator faults (it raises, exits, hangs past the timeout, answers None, a wrong count, non-strings
+    or an empty report) fail only the images they happen on (`generator_faults`): those are listed in
+    RUN/skipped.jsonl (summary "n_images_failed") and not marked complete, so a rerun redoes them.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -360,23 +374,36 @@ def run_explainer(
         if not complete:
             todo.append((record, done))
     logger.info("%s: %d of %d images left to explain", out, len(todo), len(records))
-    with _progress(progress) as bar:
+
+    def explain_part(part):
+        # per image: the wanted findings not finished yet (explain keeps those present in the report)
+        per_image = [[f for f in (wanted or ABNORMALITIES) if f not in done] for _, done in part]
+        boxes = [tuple(r["chest_box"]) if r.get("chest_box") is not None else None for r, _ in part]
+        return explainer.explain(
+            [r["image"] for r, _ in part], findings=per_image, chest_boxes=boxes,
+            image_ids=[str(r["id"]) for r, _ in part], image_size=image_size,
+        )
+
+    skipped = SkippedItems(out)
+    with guarded_generator(explainer, generator_timeout_s), _progress(progress) as bar:
         task = bar.add_task("explain", total=len(records), completed=len(records) - len(todo))
         for start_index in range(0, len(todo), batch_size):
             chunk = todo[start_index:start_index + batch_size]
-            # per image: the wanted findings not finished yet (explain keeps those present in the report)
-            per_image = [[f for f in (wanted or ABNORMALITIES) if f not in done] for _, done in chunk]
-            boxes = [tuple(r["chest_box"]) if r.get("chest_box") is not None else None for r, _ in chunk]
-            results = explainer.explain(
-                [r["image"] for r, _ in chunk], findings=per_image, chest_boxes=boxes,
-                image_ids=[str(r["id"]) for r, _ in chunk], image_size=image_size,
-            )
-            for result in results:
-                _write_item(out, chunk[result.image_index][0], result, settings)
-            for record, _ in chunk:
-                _, done = _finished(out, str(record["id"]))
-                write_json_atomic(out / "records" / safe_name(str(record["id"])) / "_complete.json",
-                                  {"id": str(record["id"]), "findings": sorted(done, key=ABNORMALITIES.index)})
+            for part, results, error in explain_isolating_faults(chunk, explain_part):
+                if error is not None:  # not complete: a rerun redoes these images
+                    logger.warning("generator failed on %s: %s (listed in %s; a rerun retries them)",
+                                   ", ".join(repr(str(r["id"])) for r, _ in part), error, out / SKIPPED_NAME)
+                    for record, _ in part:
+                        skipped.add(record, GENERATOR_STAGE, error)
+                    continue
+                for result in results:
+                    _write_item(out, part[result.image_index][0], result, settings)
+                for record, _ in part:
+                    _, done = _finished(out, str(record["id"]))
+                    write_json_atomic(out / "records" / safe_name(str(record["id"])) / "_complete.json",
+                                      {"id": str(record["id"]), "findings": sorted(done, key=ABNORMALITIES.index)})
+                    skipped.clear(str(record["id"]))
+            skipped.write()
             _write_results(out, records, config, time.perf_counter() - start)
             bar.advance(task, len(chunk))
     explainer.maker.finish_run(out)
@@ -420,6 +447,7 @@ def run_explain(
     scorer=None,
     overwrite: bool = False,
     progress: bool = True,
+    generator_timeout_s: float | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Load the tailored SD, explain `records` (or the folder / CSV they come from) into `out`.
@@ -432,6 +460,7 @@ def run_explain(
     scorer: the search's `CounterfactualScorer` (with `settings.search`); its attempts go to
     RUN/search_attempts.jsonl and its ablation tables to RUN/search_ablation.json.
     maker_kwargs: extra keyword arguments of the variant's factory (e.g. attention_control).
+    generator_timeout_s: seconds one generator call may take (None: no limit; `run_explainer`).
     """
     settings = (settings if settings is not None else ExplainSettings()).with_overrides(**overrides)
     if isinstance(records, (str, Path)):
@@ -461,7 +490,8 @@ def run_explain(
     }
     return run_explainer(explainer, records, out, findings=settings.findings, batch_size=settings.batch_size,
                          image_size=explainer.image_size, overwrite=overwrite, progress=progress,
-                         run_settings=run_settings, explain_settings=settings)
+                         run_settings=run_settings, explain_settings=settings,
+                         generator_timeout_s=generator_timeout_s)
 
 
 def read_results(out: str | Path) -> list[dict[str, Any]]:
