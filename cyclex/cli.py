@@ -94,8 +94,15 @@ class FitMode(str, Enum):
 
 
 @app.callback()
-def main() -> None:
+def main(
+    verbose: bool = typer.Option(False, "--verbose", help="also show the model libraries' progress bars, "
+                                 "warnings and info logs (hidden by default)"),
+) -> None:
     """cyclex command line."""
+    if not verbose:
+        from cyclex.third_party_output import quiet_third_party_output
+
+        quiet_third_party_output()
 
 
 @app.command()
@@ -280,6 +287,10 @@ def explain(
                                             help="seconds one generator call (a batch of images) may take before "
                                             "its images are listed as failed in RUN/skipped.jsonl (default: no "
                                             "limit; a first GPU call may be slow)"),
+    generator_version: str = typer.Option(None, "--generator-version", help="version of the generator's code or "
+                                          "weights, part of the resume key (default: a sha256 of the weight files "
+                                          "of hf:FOLDER and r2gen: specs; python: callables need it to tell a "
+                                          "fixed function from the old one)"),
 ) -> None:
     """Remove each finding, make the counterfactual, regenerate, verify; write frames into a run folder.
 
@@ -340,9 +351,12 @@ def explain(
             frames=FrameSettings(threshold=threshold, normalize=frame_normalize, map_blur=map_blur,
                                  estimate_chest_boxes=estimate_chest_box),
         )
+        from cyclex.specs.generator_fingerprint import generator_version as version_of
+
         summary = run_explain(load_generator(generator), tailored, images, out, settings=settings, labeler_spec=labeler,
                               generator_spec=generator, maker_kwargs=maker_kwargs, scorer=scorer, overwrite=overwrite,
-                              generator_timeout_s=generator_timeout)
+                              generator_timeout_s=generator_timeout,
+                              generator_version=version_of(generator, generator_version))
     except (FileNotFoundError, ValueError, KeyError, TypeError, RunFolderError, UnknownFindingError,
             GeneratorError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
