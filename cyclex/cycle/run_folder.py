@@ -448,6 +448,7 @@ def run_explain(
     overwrite: bool = False,
     progress: bool = True,
     generator_timeout_s: float | None = None,
+    generator_version: str | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Load the tailored SD, explain `records` (or the folder / CSV they come from) into `out`.
@@ -461,6 +462,8 @@ def run_explain(
     RUN/search_attempts.jsonl and its ablation tables to RUN/search_ablation.json.
     maker_kwargs: extra keyword arguments of the variant's factory (e.g. attention_control).
     generator_timeout_s: seconds one generator call may take (None: no limit; `run_explainer`).
+    generator_version: what identifies the generator's weights beyond its spec (a sha256 of its
+    weight files, or a version text); part of the resume key, so a run of other weights is refused.
     """
     settings = (settings if settings is not None else ExplainSettings()).with_overrides(**overrides)
     if isinstance(records, (str, Path)):
@@ -487,6 +490,8 @@ def run_explain(
         "checkpoint": None if searching else settings.checkpoint,
         "images_source": source,
         **({"scorers": scorer.describe()} if callable(getattr(scorer, "describe", None)) else {}),
+        # only when known, so runs keyed on the spec alone resume as before
+        **({"generator_version": generator_version} if generator_version is not None else {}),
     }
     return run_explainer(explainer, records, out, findings=settings.findings, batch_size=settings.batch_size,
                          image_size=explainer.image_size, overwrite=overwrite, progress=progress,
