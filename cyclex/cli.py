@@ -629,6 +629,15 @@ def demo_command(
         cyclic = "-" if entry["cyclic_rate"] is None else f"{entry['cyclic_rate']:.2f}"
         table.add_row(name, str(entry["n_findings"]), cyclic, rate)
     console.print(table)
+    audit = comparison.get("audit")
+    if audit is not None:
+        for flag in audit["shortcut_flags"] or [None]:
+            if flag is None:
+                console.print("audit: no shortcut flagged")
+            else:
+                console.print(f"audit: [bold]{flag['generator']}[/bold]'s {flag['finding']} evidence sits at one place "
+                              f"where the finding cannot be in {flag['n_consistent_outside']} of {flag['n_items']} "
+                              f"images, box {flag['suspected_box']} (shortcut flag; see {audit['page']})")
     console.print(f"open {out.resolve() / 'comparison.html'} in a browser (side-by-side audit); "
                   f"per generator: index.html, results.jsonl, summary.json, items/")
     console.print(f"took {comparison['seconds']:.0f} s")

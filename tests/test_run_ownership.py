@@ -204,6 +204,7 @@ def test_the_demo_starts_its_own_earlier_cyclex_run_over(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cyclex.specs.generators, "load_generator", lambda spec: brightness_generator())
     monkeypatch.setattr(cyclex.datasets.phantom, "write_phantom_folder", lambda phantoms, folder: None)
+    monkeypatch.setattr(demo, "write_query_folder", lambda phantoms, folder: None)
     monkeypatch.setattr(cyclex.datasets.phantom, "read_phantom_folder", lambda folder: [])
     monkeypatch.setattr(cyclex.cycle.report_html, "write_run_report", lambda run: None)
     monkeypatch.setattr(cyclex.cycle.report_html, "write_comparison_report", lambda runs, page: page)

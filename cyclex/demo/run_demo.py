@@ -144,6 +144,15 @@ def run_demo(out: str | Path = "runs/demo", *, n_images: int = 16, steps: int = 
     for name in names:
         write_run_report(out / name)
     comparison["report"] = str(write_comparison_report({n: out / n for n in names}, out / "comparison.html"))
+    if len(names) > 1:  # the audit: intervals, frame agreement and the automatic shortcut flags
+        from cyclex.cycle.audit_report import audit_runs
+
+        audit = audit_runs({n: out / n for n in names}, out / "audit")
+        comparison["audit"] = {"page": audit["files"]["html"], "json": audit["files"]["json"],
+                               "shortcut_flags": [{k: flag.get(k) for k in ("generator", "finding", "statistic",
+                                                                            "statistic_ci95", "n_items",
+                                                                            "n_consistent_outside", "suspected_box")}
+                                                  for flag in audit["shortcut_flags"]]}
     write_json_atomic(out / "comparison.json", comparison)
     logger.info("demo finished in %.0f s: %s", comparison["seconds"], out)
     return comparison
