@@ -55,7 +55,8 @@ def test_frame_threshold_rule_names_the_fallback():
 def test_run_summary_and_page_record_provenance(tmp_path):
     path = tmp_path / "a.png"
     Image.fromarray(np.uint8(query(0.9, 0.1, 0.1)[0].numpy() * 255 + 0.5)).save(path)
-    explainer = CyclicExplainer(brightness_generator(), KeywordLabeler(), PaintingMaker(), frame_threshold=95)
+    explainer = CyclicExplainer(brightness_generator(), KeywordLabeler(), PaintingMaker(), frame_threshold=95,
+                                 frame_normalize=False)  # the paper's scale: the rule names no stretch
     out = tmp_path / "run"
     rf.run_explainer(explainer, [{"id": "a", "image": str(path)}], out, progress=False,
                      run_settings={"labeler": "keywords"})
