@@ -12,31 +12,15 @@ together (one inversion batch for the new keys, one sampling batch).
 
 from __future__ import annotations
 
-from cyclex.counterfactuals.inversion import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_STEPS,
-    DEFAULT_STRENGTH,
-    InvertThenEditMaker,
-)
+from cyclex.counterfactuals.inversion import InvertThenEditMaker
 
 
 class DDIMCounterfactualMaker(InvertThenEditMaker):
     """CVLM counterfactuals: DDIM-invert with the source prompt, resample with the target prompt.
 
-    Every hook of `InvertThenEditMaker` at its default; a smaller inversion cache (64 entries).
+    Every hook of `InvertThenEditMaker` at its default (its arguments: pipe, num_inference_steps = 50,
+    guidance_scale = 7.5, strength = 1.0, ...); a smaller inversion cache (64 entries).
     """
 
     name = "ddim"
-
-    def __init__(
-        self,
-        pipe_or_latent_diffusion,
-        num_inference_steps: int = DEFAULT_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE,
-        strength: float = DEFAULT_STRENGTH,
-        *,
-        cache_size: int = 64,
-        **settings,
-    ) -> None:
-        super().__init__(pipe_or_latent_diffusion, num_inference_steps, guidance_scale, strength,
-                         cache_size=cache_size, **settings)
+    default_cache_size = 64

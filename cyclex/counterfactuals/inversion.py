@@ -124,12 +124,13 @@ class InvertThenEditMaker(CounterfactualMaker):
         settings; `set_checkpoint_id` sets it once the engine knows which UNet was loaded. Makers that
         share a cache and a checkpoint name share their guidance-1 pivot trajectories.
     cache: an `InversionCache` to share between makers (the search's siblings share one); default a
-        fresh in-memory one of `cache_size` entries.
+        fresh in-memory one of `cache_size` entries (default: the class's `default_cache_size`).
     attention_control: prompt-to-prompt cross-attention control while editing (None: plain sampling).
     paste_query_outside_mask: with `masks`, paste the query's pixels back outside the mask after decoding.
     """
 
     name = "invert-edit"
+    default_cache_size = 512  # inversions kept in memory when no shared cache is given
 
     def __init__(
         self,
@@ -140,7 +141,7 @@ class InvertThenEditMaker(CounterfactualMaker):
         *,
         checkpoint: str = "default",
         cache: InversionCache | None = None,
-        cache_size: int = 512,
+        cache_size: int | None = None,
         attention_control: AttentionControlConfig | None = None,
         paste_query_outside_mask: bool = True,
     ) -> None:
@@ -152,7 +153,8 @@ class InvertThenEditMaker(CounterfactualMaker):
         self.guidance_scale = float(guidance_scale)
         self.strength = float(strength)
         self.checkpoint = str(checkpoint)
-        self.cache = cache if cache is not None else InversionCache(max_items=cache_size)
+        size = self.default_cache_size if cache_size is None else cache_size
+        self.cache = cache if cache is not None else InversionCache(max_items=size)
         self.attention_control = attention_control
         self.paste_query_outside_mask = bool(paste_query_outside_mask)
         self.inversions_run = 0  # images inverted (cache misses), over the maker's life

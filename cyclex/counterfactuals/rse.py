@@ -68,6 +68,7 @@ class RegionSpecificEditMaker(InvertThenEditMaker):
     """
 
     name = "rse"
+    default_cache_size = 64
 
     def __init__(
         self,
@@ -81,11 +82,10 @@ class RegionSpecificEditMaker(InvertThenEditMaker):
         tau: float = 0.1,
         prior: str = "anatomy",
         paste_query_outside_mask: bool = False,
-        cache_size: int = 64,
         **settings,
     ) -> None:
         super().__init__(pipe_or_latent_diffusion, num_inference_steps, guidance_scale, strength,
-                         paste_query_outside_mask=paste_query_outside_mask, cache_size=cache_size, **settings)
+                         paste_query_outside_mask=paste_query_outside_mask, **settings)
         strength_to_start_index(relevance_strength, self.num_inference_steps)  # validates (0, 1]
         if int(relevance_draws) < 1:
             raise ValueError(f"relevance_draws must be >= 1, got {relevance_draws}")
