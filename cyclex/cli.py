@@ -380,6 +380,14 @@ def explain(
     console.print(f"results: {out}/results.jsonl, summary: {out}/summary.json, report: {page}")
     if search:
         console.print(f"search: {out}/search_attempts.jsonl (every attempt), {out}/search_ablation.json")
+    if summary.get("n_images_skipped"):
+        from cyclex.cycle.generator_faults import IMAGE_STAGE, SKIPPED_NAME, SkippedItems
+
+        unreadable = SkippedItems(out).of_stage(IMAGE_STAGE)
+        for line in unreadable[:10]:
+            console.print(f"[yellow]skipped:[/yellow] {escape(line['id'])}: {escape(line['error'])}")
+        console.print(f"[yellow]skipped {len(unreadable)} of {summary['n_images']} images[/yellow] (unreadable or too "
+                      f"small): listed in {escape(str(Path(out) / SKIPPED_NAME))}")
     if summary.get("n_images_failed"):
         from cyclex.cycle.generator_faults import GENERATOR_STAGE, SKIPPED_NAME, SkippedItems
 

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 SKIPPED_NAME = "skipped.jsonl"
 GENERATOR_STAGE = "generator"
+IMAGE_STAGE = "image"  # the query could not be read or is too small to explain
 
 Item = TypeVar("Item")
 

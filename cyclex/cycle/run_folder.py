@@ -42,6 +42,7 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -61,6 +62,7 @@ from cyclex.atomic_io import (
 from cyclex.cycle.explainer import CycleResult, CyclicExplainer, cyclic_rate
 from cyclex.cycle.generator_faults import (
     GENERATOR_STAGE,
+    IMAGE_STAGE,
     SKIPPED_NAME,
     SkippedItems,
     explain_isolating_faults,
@@ -78,6 +80,7 @@ from cyclex.cycle.run_ownership import (  # noqa: F401  (RunFolderBusy: re-expor
     write_marker,
 )
 from cyclex.cycle.settings import ExplainSettings
+from cyclex.datasets.images import ImageReadError, read_image
 from cyclex.explain.overlays import draw_frame, normalize_map, show_map_on_image
 from cyclex.findings import ABNORMALITIES, canonical_finding, finding_slug
 from cyclex.jsonl import to_json_safe
@@ -303,6 +306,8 @@ def _write_results(out: Path, records: Sequence[Mapping[str, Any]], config: Mapp
         "results": RESULTS_NAME,
         # images the generator failed on (RUN/skipped.jsonl): not done, a rerun redoes them
         "n_images_failed": len(SkippedItems(out).of_stage(GENERATOR_STAGE)),
+        # queries that could not be read or are too small (RUN/skipped.jsonl, stage "image")
+        "n_images_skipped": len(SkippedItems(out).of_stage(IMAGE_STAGE)),
         # who made these numbers: cyclex version, commit, libraries, device, date, labeler, frame rule, scorers
         "provenance": run_provenance(config),
     }
@@ -374,6 +379,18 @@ def run_explainer(
         if not complete:
             todo.append((record, done))
     logger.info("%s: %d of %d images left to explain", out, len(todo), len(records))
+    skipped = SkippedItems(out)
+    readable = []
+    for record, done in todo:  # one unreadable or tiny image is listed and skipped, never ends the run
+        problem = query_image_problem(record.get("image"))
+        if problem is None:
+            skipped.clear(str(record["id"]), IMAGE_STAGE)
+            readable.append((record, done))
+        else:
+            logger.warning("skipping image %r: %s (listed in %s)", str(record["id"]), problem, out / SKIPPED_NAME)
+            skipped.add(record, IMAGE_STAGE, problem)
+    todo = readable
+    skipped.write()
 
     def explain_part(part):
         # per image: the wanted findings not finished yet (explain keeps those present in the report)
@@ -384,7 +401,6 @@ def run_explainer(
             image_ids=[str(r["id"]) for r, _ in part], image_size=image_size,
         )
 
-    skipped = SkippedItems(out)
     with guarded_generator(explainer, generator_timeout_s), _progress(progress) as bar:
         task = bar.add_task("explain", total=len(records), completed=len(records) - len(todo))
         for start_index in range(0, len(todo), batch_size):
@@ -408,6 +424,33 @@ def run_explainer(
             bar.advance(task, len(chunk))
     explainer.maker.finish_run(out)
     return _write_results(out, records, config, time.perf_counter() - start)
+
+
+MIN_QUERY_SIDE = 16  # pixels: smaller queries would be scaled up to a flat grey and "explained"
+
+
+def query_image_problem(image: Any) -> ImageProblem | None:
+    """Why a query cannot be explained (unreadable file, not an image, under MIN_QUERY_SIDE), or None."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            array = read_image(image)
+        except (ImageReadError, OSError, ValueError) as error:
+            return ImageProblem(str(error))
+        shape = array.shape
+        where = f"{os.fsdecode(image)!r}"
+    else:
+        shape = tuple(getattr(image, "shape", ()))[-2:]
+        where = "the image"
+        if len(shape) != 2:
+            return None  # arrays, tensors and PIL images are checked by the engine itself
+    if min(shape) < MIN_QUERY_SIDE:
+        return ImageProblem(f"{where} is {shape[1]} x {shape[0]} pixels; cyclex explains images of at least "
+                            f"{MIN_QUERY_SIDE} x {MIN_QUERY_SIDE}")
+    return None
+
+
+class ImageProblem(ValueError):
+    """A query cyclex skips (listed in RUN/skipped.jsonl with stage "image")."""
 
 
 def load_labeler_spec(spec: str):
