@@ -52,3 +52,18 @@ def test_bad_images_are_skipped_listed_and_retried(tmp_path):
     assert "tiny" not in {line["id"] for line in lines} and len(lines) == len(bad) - 1
     results = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert {r["image_id"] for r in results} == {"good", "tiny"}
+
+
+def test_a_run_folder_inside_the_images_is_not_explained(tmp_path):
+    from cyclex.cycle.run_ownership import MARKER_NAME
+    from cyclex.datasets.folder import CYCLEX_RUN_MARKER, read_image_folder
+
+    assert CYCLEX_RUN_MARKER == MARKER_NAME
+    folder = tmp_path / "in"
+    (folder / "run" / "items" / "a").mkdir(parents=True)
+    Image.fromarray(np.full((32, 32), 100, np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.full((32, 32), 100, np.uint8)).save(folder / "run" / "items" / "a" / "query.png")
+    Image.fromarray(np.full((32, 32), 100, np.uint8)).save(folder / "run" / "other.png")
+    assert {r.id for r in read_image_folder(folder)} == {"a", "run/items/a/query", "run/other"}
+    (folder / "run" / MARKER_NAME).write_text("{}")
+    assert {r.id for r in read_image_folder(folder)} == {"a"}

@@ -46,6 +46,16 @@ def _label_columns(columns: list[str]) -> dict[str, str]:
     return found
 
 
+# The marker every cyclex run folder holds (`cyclex.cycle.run_ownership.MARKER_NAME`; a test keeps them equal).
+# Its images are cyclex's own outputs: a run written inside --images must not explain them on the next run.
+CYCLEX_RUN_MARKER = ".cyclex-run.json"
+
+
+def _inside_cyclex_run(path: Path, root: Path) -> bool:
+    return any((parent / CYCLEX_RUN_MARKER).exists() for parent in path.parents if parent != root.parent
+               and (parent == root or root in parent.parents))
+
+
 def read_image_folder(folder: str | os.PathLike, csv_path: str | os.PathLike | None = None, *,
                       image_column: str | None = None, report_column: str | None = None,
                       check_files: bool = True) -> list[XrayRecord]:
@@ -54,7 +64,8 @@ def read_image_folder(folder: str | os.PathLike, csv_path: str | os.PathLike | N
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder}: image folder not found")
     if csv_path is None:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not _inside_cyclex_run(p, folder))
         if not files:
             raise FileNotFoundError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
         return [XrayRecord(id=str(p.relative_to(folder).with_suffix("")), image_paths=[p]) for p in files]
