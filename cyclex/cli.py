@@ -51,6 +51,15 @@ def for_the_command_line(message: str, flags: dict[str, str] | None = None) -> s
     return message
 
 
+def interrupted(console, out: Path, runs: tuple[str, ...] = ()) -> None:
+    """Ctrl-C: one line saying what finished and that the same command resumes; exit code 130."""
+    folders = [out / name for name in runs] or [out]
+    done = sum(len(list((folder / "records").glob("*/_complete.json"))) for folder in folders)
+    console.print(f"interrupted: {done} image{'s' if done != 1 else ''} finished in {out}; rerun the same command "
+                  "to resume (finished images are kept)", soft_wrap=True)
+    raise typer.Exit(code=130)
+
+
 def parse_maker_options(options: list[str]) -> dict:
     """--maker-option KEY=VALUE texts -> maker keyword arguments (true/false, ints, floats, else text)."""
     parsed: dict = {}
@@ -357,6 +366,8 @@ def explain(
                               generator_spec=generator, maker_kwargs=maker_kwargs, scorer=scorer, overwrite=overwrite,
                               generator_timeout_s=generator_timeout,
                               generator_version=version_of(generator, generator_version))
+    except KeyboardInterrupt:
+        interrupted(console, Path(out))
     except (FileNotFoundError, ValueError, KeyError, TypeError, RunFolderError, UnknownFindingError,
             GeneratorError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
@@ -623,6 +634,8 @@ def demo_command(
     try:
         extra = {} if difference_reference is None else {"difference_reference": difference_reference.value}
         comparison = run_demo(out, n_images=n_images, steps=steps, overwrite=overwrite, **extra)
+    except KeyboardInterrupt:
+        interrupted(console, Path(out), runs=("clean", "shortcut"))
     except RunFolderError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(code=2) from None

@@ -50,3 +50,26 @@ def test_a_variable_the_user_set_is_kept(monkeypatch):
     changed = quiet_third_party_output()
     assert os.environ["TQDM_DISABLE"] == "0" and "TQDM_DISABLE" not in changed
     assert changed["DIFFUSERS_VERBOSITY"] == "error"
+
+
+def test_ctrl_c_ends_with_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import cyclex.cycle.run_folder as rf
+    from cyclex.cli import app
+
+    out = tmp_path / "run"
+    (out / "records" / "a").mkdir(parents=True)
+    (out / "records" / "a" / "_complete.json").write_text("{}")
+    (out / "records" / "b").mkdir()  # started, not finished
+
+    def interrupted_run(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rf, "run_explain", interrupted_run)
+    monkeypatch.setattr("cyclex.specs.generators.load_generator", lambda spec: object())
+    result = CliRunner().invoke(app, ["explain", "--generator", "fake", "--tailored", str(tmp_path),
+                                      "--images", str(tmp_path), "--out", str(out)])
+    assert result.exit_code == 130
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "interrupted: 1 image finished" in lines[0] and "rerun the same command" in lines[0]
