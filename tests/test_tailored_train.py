@@ -143,6 +143,8 @@ def test_ema_accumulation_checkpointing_and_image_batches(base, manifest, tmp_pa
 # after the UNet hook wrote unet/ and before accelerate wrote optimizer.bin (issue 18, defect 3).
 KILLED_IN_SAVE = textwrap.dedent("""
     import dataclasses, json, os, signal, sys
+    import torch
+    torch.set_num_threads(1)  # as the test process (conftest): same float rounding, comparable weights
     import accelerate.accelerator
     from cyclex.tailored_training import TailoredTrainingConfig, train_tailored
 
