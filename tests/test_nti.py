@@ -102,7 +102,9 @@ def test_direct_inversion_reconstructs_the_source_exactly(pipe, images):
     plain_error = (plain - reference).abs().mean()
     for g in range(2):
         # Exact up to float noise of different batch compositions (amplified by w on random weights).
-        assert (out[:, g] - reference).abs().max() < 1e-2
+        # measured 0.003 / 0.006 (w 7.5 / 10) typically, once 0.011 in a full make-test run: CPU kernels
+        # round batches of 2 (the pivot fit) and 4 (the edit) differently from run to run, w amplifies it
+        assert (out[:, g] - reference).abs().max() < 2e-2
         assert (out[:, g] - reference).abs().mean() < 0.05 * plain_error
     edited = maker.edit(inversion, TARGET)
     assert (edited[:, 0] - reference).abs().mean() > 10 * (out[:, 0] - reference).abs().mean()
