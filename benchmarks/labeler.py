@@ -23,17 +23,16 @@ import csv
 import hashlib
 import logging
 import re
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-import cyclex
 from cyclex.atomic_io import write_json_atomic
 from cyclex.findings import FindingLabels, LabelState
 from cyclex.labelers import RuleLabeler
+from cyclex.provenance import environment
 
 logger = logging.getLogger("benchmarks.labeler")
 REPO = Path(__file__).resolve().parent.parent
@@ -162,14 +161,6 @@ def present_matrix(labels: Sequence[FindingLabels], *, uncertain_as_present: boo
     return np.array([[row[f] in present for f in MAPPED_FINDINGS] for row in labels], dtype=bool)
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
-
-
 def evaluate(rows: list[dict], labeler: RuleLabeler, *, bootstrap: int, seed: int) -> dict:
     labels = labeler.label([r["text"] for r in rows])
     baseline = np.array([[keyword_baseline(r["text"])[f] for f in MAPPED_FINDINGS] for r in rows], dtype=bool)
@@ -202,9 +193,11 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     data = args.data.resolve()
     rows = read_openi(data)
+    data_sha256 = hashlib.sha256(data.read_bytes()).hexdigest()
+    env = environment()
     results: dict = {
         "data": {"path": "../shared/data/openi_dev/reports.csv" if data == DEFAULT_DATA.resolve() else str(data),
-                 "sha256": hashlib.sha256(data.read_bytes()).hexdigest(), "n_reports": len(rows),
+                 "sha256": data_sha256, "n_reports": len(rows),
                  "text": "findings section, then impression section"},
         "split_rule": SPLIT_RULE,
         "findings": list(MAPPED_FINDINGS),
@@ -212,8 +205,15 @@ def main(argv: list[str] | None = None) -> dict:
         "labeler": "RuleLabeler (cyclex.labelers.rules)",
         "baseline": "keyword_baseline: keywords " + "; ".join(f"{f}: {', '.join(k)}" for f, k in BASELINE_KEYWORDS.items())
                     + f"; negated when {BASELINE_NEGATIONS.pattern} occurs earlier in the sentence",
-        "cyclex_version": cyclex.__version__,
-        "git_commit": _git_commit(),
+        "cyclex_version": env["cyclex_version"],
+        "git_commit": env["git_commit"],
+        "provenance": {
+            **env,
+            "scorers": {"labeler": "RuleLabeler (rules, no weights)", "baseline": "keyword_baseline (rules, no weights)",
+                        "truth": "the Open-i expert labels in reports.csv (gold_mapping)"},
+            "data_sha256": data_sha256,
+            "seeds": "no phantom seeds: real reports, split dev / held-out by sha256(uid) % 2 (split_rule)",
+        },
         "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "report"},
     }
     results.update(evaluate(rows, RuleLabeler(), bootstrap=args.bootstrap, seed=args.seed))
