@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from enum import Enum
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def main(
                                  "warnings and info logs (hidden by default)"),
 ) -> None:
     """cyclex command line."""
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name in a message prints as \xNN, never fails
+        if callable(getattr(stream, "reconfigure", None)):
+            stream.reconfigure(errors="backslashreplace")
     if not verbose:
         from cyclex.third_party_output import quiet_third_party_output
 

@@ -144,7 +144,8 @@ def test_the_checks_catch_a_cycle_and_a_demo_import(tmp_path):
 
 
 # The core: findings vocabulary, atomic writes, JSON lines, image checks, the run lock.
-CORE = ("cyclex", "cyclex.findings", "cyclex.atomic_io", "cyclex.jsonl", "cyclex.image_checks", "cyclex.run_lock")
+CORE = ("cyclex", "cyclex.findings", "cyclex.atomic_io", "cyclex.jsonl", "cyclex.image_checks", "cyclex.run_lock",
+        "cyclex.file_names")
 
 
 @pytest.mark.parametrize("module", CORE[1:])

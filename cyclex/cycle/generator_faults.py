@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from cyclex.adapters.base import GeneratorError
 from cyclex.adapters.guarded import GeneratorTimeout, GuardedGenerator
 from cyclex.atomic_io import write_text_atomic
+from cyclex.file_names import printable_text
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,11 @@ class SkippedItems:
 
     def add(self, record: Mapping[str, Any], stage: str, error: BaseException) -> None:
         image = record.get("image")
-        self.lines[str(record["id"])] = {"id": str(record["id"]), "image": image if isinstance(image, str) else None,
-                                         "stage": stage, "error_type": type(error).__name__, "error": str(error)}
+        # paths and messages may hold a non-UTF-8 file name: written printable, like the ids
+        self.lines[str(record["id"])] = {"id": str(record["id"]),
+                                         "image": printable_text(image) if isinstance(image, str) else None,
+                                         "stage": stage, "error_type": type(error).__name__,
+                                         "error": printable_text(str(error))}
 
     def clear(self, image_id: str, stage: str = GENERATOR_STAGE) -> None:
         """The image succeeded at `stage`: its line of that stage goes."""

@@ -28,6 +28,7 @@ from typing import Any
 import jinja2
 
 from cyclex.atomic_io import write_text_atomic
+from cyclex.file_names import printable_text
 from cyclex.cycle.report_data import (
     REPORT_NAME,
     MentionFinder,
@@ -60,6 +61,8 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        # folder and file names that are not UTF-8 (surrogate escapes) are shown as \xNN, never fail the page
+        finalize=lambda value: printable_text(value) if isinstance(value, str) else value,
     )
     env.filters["number"] = format_number
     env.filters["rate"] = format_rate

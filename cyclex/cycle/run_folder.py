@@ -109,7 +109,7 @@ def safe_name(text: str) -> str:
     """File-safe name for an image id; a short hash keeps distinct ids distinct after cleaning."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "image"
     if cleaned != str(text):
-        cleaned = f"{cleaned[:80]}-{hashlib.sha1(str(text).encode()).hexdigest()[:8]}"
+        cleaned = f"{cleaned[:80]}-{hashlib.sha1(str(text).encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
     return cleaned
 
 

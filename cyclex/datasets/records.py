@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cyclex.file_names import printable_text
 from cyclex.findings import FindingLabels
 
 SPLITS = ("train", "val", "test")
@@ -46,6 +47,7 @@ class XrayRecord:
         if not self.image_paths:
             raise ValueError(f"record {self.id!r} has no image paths")
         self.image_paths = [Path(p) for p in self.image_paths]
+        self.id = printable_text(str(self.id))  # ids of non-UTF-8 file names are written to JSON, HTML, CSV
 
     def missing_files(self) -> list[Path]:
         return [p for p in self.image_paths if not p.is_file()]
