@@ -95,6 +95,53 @@ def shortcut_marker_overlap(run: str | Path, finding: str = "Cardiomegaly") -> d
             "n_mass_on_marker": mass_hits, "mass_rate": mass_hits / total if total else None}
 
 
+DEMO_MARKER_NAME = ".cyclex-demo.json"
+DEMO_MARKER_FORMAT = "cyclex-demo"
+
+
+def _is_legacy_demo_folder(out: Path) -> bool:
+    """A demo folder of a cyclex before the marker: its comparison.json and query phantoms are there."""
+    try:
+        comparison = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(comparison, dict) and "generators" in comparison and (out / "phantoms" / "metadata.jsonl").is_file()
+
+
+def claim_demo_folder(out: Path) -> None:
+    """Make `out` the demo's folder, or refuse (RunFolderError) one cyclex did not make.
+
+    The demo writes comparison.html / .json, phantoms/ and a run folder per generator into `out`, so a
+    user's folder that happens to hold such names is never written into: new or empty folders, and
+    folders with the demo marker (or an older demo's own files) are accepted.
+    """
+    from cyclex.atomic_io import write_json_atomic
+    from cyclex.cycle.run_ownership import RunFolderError
+
+    marker = out / DEMO_MARKER_NAME
+    refuse = "choose another --out (the demo writes into a new folder or one it made)"
+    if marker.is_symlink() or (marker.exists() and not marker.is_file()):
+        raise RunFolderError(f"{marker} is not a regular file; {refuse}")
+    if marker.is_file():
+        try:
+            found = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunFolderError(f"{marker} is not a readable cyclex demo marker ({err}); {refuse}") from None
+        if not isinstance(found, dict) or found.get("format") != DEMO_MARKER_FORMAT:
+            raise RunFolderError(f"{marker}: expected a JSON object with \"format\": \"{DEMO_MARKER_FORMAT}\"; "
+                                 f"{refuse}")
+        return
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file, not a folder; {refuse}")
+    if out.is_dir() and any(out.iterdir()) and not _is_legacy_demo_folder(out):
+        raise RunFolderError(f"{out} exists, is not empty and is not a cyclex demo folder (no {DEMO_MARKER_NAME}); "
+                             f"{refuse}")
+    from cyclex import __version__
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, {"format": DEMO_MARKER_FORMAT, "format_version": 1, "cyclex_version": __version__})
+
+
 def run_demo(out: str | Path = "runs/demo", *, n_images: int = 16, steps: int = 50,
              guidance: float = DEMO_GUIDANCE, strength: float = DEMO_STRENGTH,
              frame_threshold: float | str = DEMO_FRAME_THRESHOLD, frame_normalize: bool = DEMO_FRAME_NORMALIZE,
@@ -108,6 +155,7 @@ def run_demo(out: str | Path = "runs/demo", *, n_images: int = 16, steps: int = 
 
     started = time.perf_counter()
     out = Path(out)
+    claim_demo_folder(out)  # before anything is built or written
     assets = demo_assets(names)
     phantom_dir = out / "phantoms"
     existing = read_phantom_folder(phantom_dir) if (phantom_dir / "metadata.jsonl").is_file() else []
