@@ -327,6 +327,9 @@ def explain(
     try:
         try:
             threshold = frame_threshold if frame_threshold == "stable" else float(frame_threshold)
+    instruct_model: str = typer.Option(None, "--instruct-model", help="--variant instruct | instruct-rse: the "
+                                       "InstructPix2Pix-style editor, a saved pipeline folder, a hub id, or 'demo' "
+                                       "(the shipped demo editor)"),
         except ValueError:
             raise ValueError(f"--frame-threshold must be a number on 0-255 or 'stable', got {frame_threshold!r}") from None
         names = [name.strip() for value in (findings or []) for name in value.split(",") if name.strip()]
@@ -418,6 +421,10 @@ def explain(
 def check_variant(variant: str, *, search: bool, difference_reference: str) -> None:
     """Refuse, naming the flags, what `explain` would only find out after loading its models."""
     from cyclex.counterfactuals import BUILTIN_MAKERS, get_maker_factory
+        if instruct_model:
+            from cyclex.demo.instruct_model import resolve_instruct_model
+
+            maker_kwargs["instruct_model"] = resolve_instruct_model(instruct_model)
 
     try:
         get_maker_factory(variant)

@@ -3,7 +3,8 @@
 The layer between the metric core (`cyclex.explain`) and the cyclic engine (`cyclex.cycle`):
 makers take their models (and, for the search, their scorer) as arguments and never look anything
 up by name. `inversion.py` is the shared DDIM inversion-and-sampling base; `ddim.py`, `nti.py` and
-`fast_inversion.py` and `rse.py` (region-specific editing) are variants of it; `search_maker.py` wraps them in seed 000's search.
+`fast_inversion.py` and `rse.py` (region-specific editing) are variants of it; `search_maker.py` wraps them in seed 000's search;
+`instruct.py` is the instruction-editing family (InstructPix2Pix-style models, with or without RSE masking).
 
 The registry is one static table, `BUILTIN_MAKERS` (variant name -> factory), plus the
 `cyclex.makers` entry points of installed packages and whatever `register_maker` adds at run time.
@@ -54,6 +55,20 @@ def _rse(pipe, **settings) -> CounterfactualMaker:
     return RegionSpecificEditMaker(pipe, **settings)
 
 
+def _instruct(pipe, *, instruct_model=None, **settings) -> CounterfactualMaker:
+    from cyclex.counterfactuals.instruct import InstructEditMaker, instruct_pipeline_for
+
+    instruct_pipe, model_name = instruct_pipeline_for(pipe, instruct_model)
+    return InstructEditMaker(instruct_pipe, model_name=model_name, **settings)
+
+
+def _instruct_rse(pipe, *, instruct_model=None, **settings) -> CounterfactualMaker:
+    from cyclex.counterfactuals.instruct import InstructRegionEditMaker, instruct_pipeline_for
+
+    instruct_pipe, model_name = instruct_pipeline_for(pipe, instruct_model)
+    return InstructRegionEditMaker(instruct_pipe, model_name=model_name, **settings)
+
+
 BUILTIN_MAKERS: dict[str, MakerFactory] = {
     "ddim": _ddim,
     "nti": _nti,
@@ -71,6 +86,8 @@ def register_maker(name: str, factory: MakerFactory) -> None:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"maker name must be a non-empty string, got {name!r}")
     _REGISTERED[name.strip().lower()] = factory
+    "instruct": _instruct,
+    "instruct-rse": _instruct_rse,
 
 
 def _plugins() -> dict[str, MakerFactory]:

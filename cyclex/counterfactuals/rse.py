@@ -124,29 +124,41 @@ class RegionSpecificEditMaker(InvertThenEditMaker):
         return robust_normalise(difference.view(d, b, *difference.shape[1:]).mean(dim=0))
 
     def _pseudo_masks(self, images: torch.Tensor, source_prompts: Sequence[str], target_prompts: Sequence[str]) -> torch.Tensor:
-        """M (B, 1, H, W) in {0, 1}: the removed finding's anatomical prior, or everywhere."""
-        size = tuple(images.shape[-2:])
-        masks = []
-        for image, source, target in zip(images, source_prompts, target_prompts, strict=True):
-            removed = removed_findings(source, target)
-            if self.prior == "none" or len(removed) != 1:
-                masks.append(np.ones(size, dtype=bool))
-                continue
-            box = estimate_chest_box(image[0].detach().cpu().numpy())
-            masks.append(anatomical_prior(removed[0], size, box))
-        return torch.from_numpy(np.stack(masks)[:, None].astype(np.float32))
+        return pseudo_masks(images, source_prompts, target_prompts, self.prior)
 
     def _edit_region(self, images, inversion, source_prompts, target_prompts, masks, seed):
         relevance = self.relevance_maps(inversion, target_prompts, seed).unsqueeze(1)  # (B, 1, h, w)
         if masks is None:
             masks = self._pseudo_masks(images, source_prompts, target_prompts)
-        latent_size = tuple(relevance.shape[-2:])
-        prior = F.interpolate(masks.float(), size=latent_size, mode="area").to(relevance)
-        guidance_map = prior * relevance  # G = M * R (seed 001)
-        edit_mask = (guidance_map >= self.tau).float()
-        query_size = tuple(images.shape[-2:])
-        extras = {
-            "guidance_map": F.interpolate(guidance_map, size=query_size, mode="bilinear", align_corners=False).cpu(),
-            "edit_mask": F.interpolate(edit_mask, size=query_size, mode="nearest").cpu(),
-        }
-        return edit_mask, extras
+        return guidance_and_edit_mask(relevance, masks, self.tau, tuple(images.shape[-2:]))
+
+
+def pseudo_masks(images: torch.Tensor, source_prompts: Sequence[str], target_prompts: Sequence[str],
+                 prior: str = "anatomy") -> torch.Tensor:
+    """M (B, 1, H, W) in {0, 1}: the removed finding's anatomical prior on the query's Otsu chest box,
+    or everywhere (prior "none", nothing or several findings removed, a finding without a prior)."""
+    size = tuple(images.shape[-2:])
+    masks = []
+    for image, source, target in zip(images, source_prompts, target_prompts, strict=True):
+        removed = removed_findings(source, target)
+        if prior == "none" or len(removed) != 1:
+            masks.append(np.ones(size, dtype=bool))
+            continue
+        box = estimate_chest_box(image[0].detach().cpu().numpy())
+        masks.append(anatomical_prior(removed[0], size, box))
+    return torch.from_numpy(np.stack(masks)[:, None].astype(np.float32))
+
+
+def guidance_and_edit_mask(relevance: torch.Tensor, masks: torch.Tensor, tau: float,
+                           query_size: tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """G = M * R and the edit mask 1(G >= tau) on the latent grid of R (B, 1, h, w); returns (edit mask,
+    extras {"guidance_map", "edit_mask"} at the query's size, (B, 1, H, W), for the run folder)."""
+    latent_size = tuple(relevance.shape[-2:])
+    prior = F.interpolate(masks.float(), size=latent_size, mode="area").to(relevance)
+    guidance_map = prior * relevance  # G = M * R (seed 001)
+    edit_mask = (guidance_map >= tau).float()
+    extras = {
+        "guidance_map": F.interpolate(guidance_map, size=query_size, mode="bilinear", align_corners=False).cpu(),
+        "edit_mask": F.interpolate(edit_mask, size=query_size, mode="nearest").cpu(),
+    }
+    return edit_mask, extras
