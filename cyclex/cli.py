@@ -293,6 +293,9 @@ def explain(
     search_guidance_batch: int = typer.Option(0, "--search-guidance-batch", min=0,
                                               help="search: guidances per UNet batch (0: all at once; 1: one by one, "
                                               "stopping at the first accepted, fewest UNet evaluations)"),
+    instruct_model: str = typer.Option(None, "--instruct-model", help="--variant instruct | instruct-rse: the "
+                                       "InstructPix2Pix-style editor, a saved pipeline folder, a hub id, or 'demo' "
+                                       "(the shipped demo editor)"),
     maker_option: list[str] = typer.Option(None, "--maker-option", help="KEY=VALUE setting of the variant's maker, "
                                            "repeatable; e.g. for --variant rse: tau=0.2, relevance_draws=8, "
                                            "relevance_strength=0.5, prior=none, paste_query_outside_mask=true"),
@@ -327,9 +330,6 @@ def explain(
     try:
         try:
             threshold = frame_threshold if frame_threshold == "stable" else float(frame_threshold)
-    instruct_model: str = typer.Option(None, "--instruct-model", help="--variant instruct | instruct-rse: the "
-                                       "InstructPix2Pix-style editor, a saved pipeline folder, a hub id, or 'demo' "
-                                       "(the shipped demo editor)"),
         except ValueError:
             raise ValueError(f"--frame-threshold must be a number on 0-255 or 'stable', got {frame_threshold!r}") from None
         names = [name.strip() for value in (findings or []) for name in value.split(",") if name.strip()]
@@ -360,6 +360,10 @@ def explain(
                 raise ValueError(f"--attention-control needs --variant {' | '.join(ATTENTION_CONTROL_VARIANTS)}, "
                                  f"got --variant {variant}")
             maker_kwargs["attention_control"] = AttentionControlConfig(mode=attention_control, local_blend=local_blend)
+        if instruct_model:
+            from cyclex.demo.instruct_model import resolve_instruct_model
+
+            maker_kwargs["instruct_model"] = resolve_instruct_model(instruct_model)
         settings = ExplainSettings(
             variant=variant, checkpoint=checkpoint, steps=steps, guidance=guidance, strength=strength,
             findings=tuple(names) or None, batch_size=batch_size, image_size=image_size, resize=resize.value,
@@ -421,10 +425,6 @@ def explain(
 def check_variant(variant: str, *, search: bool, difference_reference: str) -> None:
     """Refuse, naming the flags, what `explain` would only find out after loading its models."""
     from cyclex.counterfactuals import BUILTIN_MAKERS, get_maker_factory
-        if instruct_model:
-            from cyclex.demo.instruct_model import resolve_instruct_model
-
-            maker_kwargs["instruct_model"] = resolve_instruct_model(instruct_model)
 
     try:
         get_maker_factory(variant)

@@ -75,6 +75,8 @@ BUILTIN_MAKERS: dict[str, MakerFactory] = {
     "negative-prompt": _negative_prompt,
     "direct": _direct,
     "rse": _rse,
+    "instruct": _instruct,
+    "instruct-rse": _instruct_rse,
 }
 
 _REGISTERED: dict[str, MakerFactory] = {}  # register_maker's additions (win over built-ins and plugins)
@@ -86,8 +88,6 @@ def register_maker(name: str, factory: MakerFactory) -> None:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"maker name must be a non-empty string, got {name!r}")
     _REGISTERED[name.strip().lower()] = factory
-    "instruct": _instruct,
-    "instruct-rse": _instruct_rse,
 
 
 def _plugins() -> dict[str, MakerFactory]:
