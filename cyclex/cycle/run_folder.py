@@ -46,6 +46,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -322,6 +323,122 @@ def _progress(enabled: bool):
                     disable=not enabled, transient=False)
 
 
+ExplainQuery = tuple[Mapping[str, Any], set[str]]  # a record and the findings of it already finished
+
+
+def check_records(records: Sequence[Mapping[str, Any]]) -> None:
+    """Every record has a non-empty, unique "id" (ValueError naming the first repeats otherwise)."""
+    ids = [str(r.get("id", "")) for r in records]
+    if any(not i for i in ids):
+        raise ValueError("every record needs a non-empty 'id'")
+    if len(set(ids)) != len(ids):
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"image ids must be unique; repeated: {duplicates[:5]}")
+
+
+def wanted_findings(findings: Sequence[str] | None) -> list[str] | None:
+    """The findings to remove in vocabulary order (None: every present one)."""
+    return sorted({canonical_finding(f) for f in findings}, key=ABNORMALITIES.index) if findings else None
+
+
+def run_config(explainer: CyclicExplainer, records: Sequence[Mapping[str, Any]], *,
+               findings: Sequence[str] | None = None, batch_size: int = 8, image_size: int | None = None,
+               run_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The run's run_config.json: the same on every process of a run (it holds no process count)."""
+    return to_json_safe({
+        **dict(run_settings or {}),
+        **explainer.settings(),
+        "findings": wanted_findings(findings),
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "images": len(records),
+    })
+
+
+def result_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings each result line carries: the run's, less those that do not change results."""
+    return {k: v for k, v in config.items() if k not in _NON_RESULT_SETTINGS}
+
+
+def start_run_folder(out: Path, config: dict[str, Any], *, overwrite: bool = False,
+                     explain_settings: ExplainSettings | None = None) -> None:
+    """Make `out` this run's folder (run lock held by the caller): settings check, marker, settings files."""
+    _check_config(out, config, overwrite)
+    if explain_settings is not None:
+        write_json_atomic(out / EXPLAIN_SETTINGS_NAME, to_json_safe(explain_settings.to_dict()))
+
+
+def queries_left(out: Path, records: Sequence[Mapping[str, Any]], skipped: SkippedItems) -> list[ExplainQuery]:
+    """The records not finished yet, with their finished findings; unreadable or tiny queries go to `skipped`."""
+    todo = []
+    for record in records:
+        complete, done = _finished(out, str(record["id"]))
+        if not complete:
+            todo.append((record, done))
+    readable = []
+    for record, done in todo:  # one unreadable or tiny image is listed and skipped, never ends the run
+        problem = query_image_problem(record.get("image"))
+        if problem is None:
+            skipped.clear(str(record["id"]), IMAGE_STAGE)
+            readable.append((record, done))
+        else:
+            logger.warning("skipping image %r: %s (listed in %s)", str(record["id"]), problem, out / SKIPPED_NAME)
+            skipped.add(record, IMAGE_STAGE, problem)
+    return readable
+
+
+BatchPart = tuple[Sequence[ExplainQuery], list[CycleResult] | None, BaseException | None]
+
+
+def explain_batch(explainer: CyclicExplainer, queries: Sequence[ExplainQuery], *,
+                  findings: Sequence[str] | None = None, image_size: int | None = None) -> list[BatchPart]:
+    """The per-batch work (STYLE 18): queries in, results out, nothing written and nothing kept.
+
+    queries: (record, finished findings) pairs; findings: the wanted findings (None: every present
+    one), of which the finished ones are not redone. Returns [(part, results, None) or (part, None,
+    error)] covering `queries`: a batch the generator fails on is explained again image by image
+    (`explain_isolating_faults`), so an error names only the images it happened on. A plain loop
+    (`run_explainer`), accelerate's processes (`cyclex.cycle.distributed`) and Ray Data
+    (`cyclex.cycle.ray_engine`) all call this, so they make the same results.
+    """
+    wanted = wanted_findings(findings)
+
+    def explain_part(part):
+        # per image: the wanted findings not finished yet (explain keeps those present in the report)
+        per_image = [[f for f in (wanted or ABNORMALITIES) if f not in done] for _, done in part]
+        boxes = [tuple(r["chest_box"]) if r.get("chest_box") is not None else None for r, _ in part]
+        return explainer.explain(
+            [r["image"] for r, _ in part], findings=per_image, chest_boxes=boxes,
+            image_ids=[str(r["id"]) for r, _ in part], image_size=image_size,
+        )
+
+    return explain_isolating_faults(queries, explain_part)
+
+
+def write_batch(out: Path, parts: Sequence[BatchPart], settings: dict[str, Any], skipped: SkippedItems) -> int:
+    """Write what `explain_batch` made: one atomic file per item, then each image's _complete.json.
+
+    A failed part's images go to `skipped` (not complete: a rerun redoes them). Returns the items written.
+    """
+    written = 0
+    for part, results, error in parts:
+        if error is not None:  # not complete: a rerun redoes these images
+            logger.warning("generator failed on %s: %s (listed in %s; a rerun retries them)",
+                           ", ".join(repr(str(r["id"])) for r, _ in part), error, out / SKIPPED_NAME)
+            for record, _ in part:
+                skipped.add(record, GENERATOR_STAGE, error)
+            continue
+        for result in results:
+            _write_item(out, part[result.image_index][0], result, settings)
+            written += 1
+        for record, _ in part:
+            _, done = _finished(out, str(record["id"]))
+            write_json_atomic(out / "records" / safe_name(str(record["id"])) / "_complete.json",
+                              {"id": str(record["id"]), "findings": sorted(done, key=ABNORMALITIES.index)})
+            skipped.clear(str(record["id"]))
+    return written
+
+
 @_holding_run_lock
 def run_explainer(
     explainer: CyclicExplainer,
@@ -347,78 +464,30 @@ def run_explainer(
     Generator faults (it raises, exits, hangs past the timeout, answers None, a wrong count, non-strings
     or an empty report) fail only the images they happen on (`generator_faults`): those are listed in
     RUN/skipped.jsonl (summary "n_images_failed") and not marked complete, so a rerun redoes them.
+    The same run on several processes: `cyclex.cycle.distributed.run_explainer_distributed`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out)
-    ids = [str(r.get("id", "")) for r in records]
-    if any(not i for i in ids):
-        raise ValueError("every record needs a non-empty 'id'")
-    if len(set(ids)) != len(ids):
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
-        raise ValueError(f"image ids must be unique; repeated: {duplicates[:5]}")
-    wanted = sorted({canonical_finding(f) for f in findings}, key=ABNORMALITIES.index) if findings else None
-    config = to_json_safe({
-        **dict(run_settings or {}),
-        **explainer.settings(),
-        "findings": wanted,
-        "image_size": image_size,
-        "batch_size": batch_size,
-        "images": len(records),
-    })
-    _check_config(out, config, overwrite)
-    if explain_settings is not None:
-        write_json_atomic(out / EXPLAIN_SETTINGS_NAME, to_json_safe(explain_settings.to_dict()))
-    settings = {k: v for k, v in config.items() if k not in _NON_RESULT_SETTINGS}
+    check_records(records)
+    config = run_config(explainer, records, findings=findings, batch_size=batch_size, image_size=image_size,
+                        run_settings=run_settings)
+    start_run_folder(out, config, overwrite=overwrite, explain_settings=explain_settings)
+    settings = result_settings(config)
     # maker hooks (the search logs its attempts and ablation tables into the run folder; no-ops otherwise)
     explainer.maker.start_run(out)
     start = time.perf_counter()
-    todo = []
-    for record in records:
-        complete, done = _finished(out, str(record["id"]))
-        if not complete:
-            todo.append((record, done))
-    logger.info("%s: %d of %d images left to explain", out, len(todo), len(records))
     skipped = SkippedItems(out)
-    readable = []
-    for record, done in todo:  # one unreadable or tiny image is listed and skipped, never ends the run
-        problem = query_image_problem(record.get("image"))
-        if problem is None:
-            skipped.clear(str(record["id"]), IMAGE_STAGE)
-            readable.append((record, done))
-        else:
-            logger.warning("skipping image %r: %s (listed in %s)", str(record["id"]), problem, out / SKIPPED_NAME)
-            skipped.add(record, IMAGE_STAGE, problem)
-    todo = readable
+    todo = queries_left(out, records, skipped)
+    logger.info("%s: %d of %d images left to explain", out, len(todo), len(records))
     skipped.write()
-
-    def explain_part(part):
-        # per image: the wanted findings not finished yet (explain keeps those present in the report)
-        per_image = [[f for f in (wanted or ABNORMALITIES) if f not in done] for _, done in part]
-        boxes = [tuple(r["chest_box"]) if r.get("chest_box") is not None else None for r, _ in part]
-        return explainer.explain(
-            [r["image"] for r, _ in part], findings=per_image, chest_boxes=boxes,
-            image_ids=[str(r["id"]) for r, _ in part], image_size=image_size,
-        )
 
     with guarded_generator(explainer, generator_timeout_s), _progress(progress) as bar:
         task = bar.add_task("explain", total=len(records), completed=len(records) - len(todo))
         for start_index in range(0, len(todo), batch_size):
             chunk = todo[start_index:start_index + batch_size]
-            for part, results, error in explain_isolating_faults(chunk, explain_part):
-                if error is not None:  # not complete: a rerun redoes these images
-                    logger.warning("generator failed on %s: %s (listed in %s; a rerun retries them)",
-                                   ", ".join(repr(str(r["id"])) for r, _ in part), error, out / SKIPPED_NAME)
-                    for record, _ in part:
-                        skipped.add(record, GENERATOR_STAGE, error)
-                    continue
-                for result in results:
-                    _write_item(out, part[result.image_index][0], result, settings)
-                for record, _ in part:
-                    _, done = _finished(out, str(record["id"]))
-                    write_json_atomic(out / "records" / safe_name(str(record["id"])) / "_complete.json",
-                                      {"id": str(record["id"]), "findings": sorted(done, key=ABNORMALITIES.index)})
-                    skipped.clear(str(record["id"]))
+            write_batch(out, explain_batch(explainer, chunk, findings=findings, image_size=image_size), settings,
+                        skipped)
             skipped.write()
             _write_results(out, records, config, time.perf_counter() - start)
             bar.advance(task, len(chunk))
@@ -476,6 +545,72 @@ def load_labeler_spec(spec: str):
     return load_labeler(spec)
 
 
+@dataclass
+class PreparedRun:
+    """What `run_explain` hands the run folder: the built explainer, the records, the settings to record."""
+
+    explainer: CyclicExplainer
+    records: list[dict[str, Any]]
+    settings: ExplainSettings
+    run_settings: dict[str, Any]
+
+    def run_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `run_explainer` (and its distributed and Ray drivers) for this run."""
+        return {"findings": self.settings.findings, "batch_size": self.settings.batch_size,
+                "image_size": self.explainer.image_size, "run_settings": self.run_settings,
+                "explain_settings": self.settings}
+
+
+def prepare_run(
+    generator,
+    tailored_dir: str | Path,
+    records: Sequence[Mapping[str, Any]] | str | Path,
+    settings: ExplainSettings | None = None,
+    *,
+    labeler=None,
+    labeler_spec: str | None = None,
+    generator_spec: str | None = None,
+    maker_kwargs: Mapping[str, Any] | None = None,
+    scorer=None,
+    generator_version: str | None = None,
+    device=None,
+    **overrides: Any,
+) -> PreparedRun:
+    """Load the tailored SD, build the explainer and the run settings (`run_explain`'s first half).
+
+    device: overrides `settings.device` (each process of a distributed run passes its own).
+    """
+    settings = (settings if settings is not None else ExplainSettings()).with_overrides(**overrides)
+    if isinstance(records, (str, Path)):
+        source = str(records)
+        records = load_image_records(records)
+    else:
+        source = None
+    if labeler is None and labeler_spec:
+        labeler = load_labeler_spec(labeler_spec)
+    searching = settings.search is not None
+    explainer = CyclicExplainer.from_pretrained(
+        tailored_dir, generator=generator, labeler=labeler, variant=settings.variant, checkpoint=settings.checkpoint,
+        device=device if device is not None else settings.device,
+        explainer_kwargs={**settings.frames.explainer_kwargs(), "difference_reference": settings.difference_reference,
+                          "image_size": settings.image_size, "resize": settings.resize},
+        search=searching, search_kwargs=settings.search.maker_kwargs() if searching else None, scorer=scorer,
+        num_inference_steps=settings.steps, guidance_scale=settings.guidance, strength=settings.strength,
+        **dict(maker_kwargs or {}),
+    )
+    run_settings = {
+        "generator": generator_spec or getattr(getattr(generator, "info", None), "name", type(generator).__name__),
+        "labeler": labeler_spec or type(explainer.labeler).__name__,
+        "tailored": str(Path(tailored_dir).resolve()),
+        "checkpoint": None if searching else settings.checkpoint,
+        "images_source": source,
+        **({"scorers": scorer.describe()} if callable(getattr(scorer, "describe", None)) else {}),
+        # only when known, so runs keyed on the spec alone resume as before
+        **({"generator_version": generator_version} if generator_version is not None else {}),
+    }
+    return PreparedRun(explainer, [dict(r) for r in records], settings, run_settings)
+
+
 def run_explain(
     generator,
     tailored_dir: str | Path,
@@ -507,39 +642,13 @@ def run_explain(
     generator_timeout_s: seconds one generator call may take (None: no limit; `run_explainer`).
     generator_version: what identifies the generator's weights beyond its spec (a sha256 of its
     weight files, or a version text); part of the resume key, so a run of other weights is refused.
+    On several processes: `cyclex.cycle.distributed.run_explain_distributed` (same arguments).
     """
-    settings = (settings if settings is not None else ExplainSettings()).with_overrides(**overrides)
-    if isinstance(records, (str, Path)):
-        source = str(records)
-        records = load_image_records(records)
-    else:
-        source = None
-    if labeler is None and labeler_spec:
-        labeler = load_labeler_spec(labeler_spec)
-    searching = settings.search is not None
-    explainer = CyclicExplainer.from_pretrained(
-        tailored_dir, generator=generator, labeler=labeler, variant=settings.variant, checkpoint=settings.checkpoint,
-        device=settings.device,
-        explainer_kwargs={**settings.frames.explainer_kwargs(), "difference_reference": settings.difference_reference,
-                          "image_size": settings.image_size, "resize": settings.resize},
-        search=searching, search_kwargs=settings.search.maker_kwargs() if searching else None, scorer=scorer,
-        num_inference_steps=settings.steps, guidance_scale=settings.guidance, strength=settings.strength,
-        **dict(maker_kwargs or {}),
-    )
-    run_settings = {
-        "generator": generator_spec or getattr(getattr(generator, "info", None), "name", type(generator).__name__),
-        "labeler": labeler_spec or type(explainer.labeler).__name__,
-        "tailored": str(Path(tailored_dir).resolve()),
-        "checkpoint": None if searching else settings.checkpoint,
-        "images_source": source,
-        **({"scorers": scorer.describe()} if callable(getattr(scorer, "describe", None)) else {}),
-        # only when known, so runs keyed on the spec alone resume as before
-        **({"generator_version": generator_version} if generator_version is not None else {}),
-    }
-    return run_explainer(explainer, records, out, findings=settings.findings, batch_size=settings.batch_size,
-                         image_size=explainer.image_size, overwrite=overwrite, progress=progress,
-                         run_settings=run_settings, explain_settings=settings,
-                         generator_timeout_s=generator_timeout_s)
+    prepared = prepare_run(generator, tailored_dir, records, settings, labeler=labeler, labeler_spec=labeler_spec,
+                           generator_spec=generator_spec, maker_kwargs=maker_kwargs, scorer=scorer,
+                           generator_version=generator_version, **overrides)
+    return run_explainer(prepared.explainer, prepared.records, out, overwrite=overwrite, progress=progress,
+                         generator_timeout_s=generator_timeout_s, **prepared.run_kwargs())
 
 
 def read_results(out: str | Path) -> list[dict[str, Any]]:

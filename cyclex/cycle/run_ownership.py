@@ -41,16 +41,18 @@ CONFIG_NAME = "run_config.json"
 LEGACY_CONFIG_KEYS = ("batch_size", "findings", "image_size", "images", "variant")
 
 # The files of a run folder, as paths relative to it: run_folder.py's layout, report_html's page,
-# evaluate_run's metrics and figures, the search maker's logs, the list of skipped images.
+# evaluate_run's metrics and figures, the search maker's logs, the list of skipped images, the ranks' shard files.
 RUN_FILE_PATTERNS = tuple(re.compile(p) for p in (
     r"run_config\.json", r"explain_settings\.json", r"results\.jsonl", r"summary\.json", r"skipped\.jsonl", r"index\.html",
     r"metrics\.jsonl", r"search_attempts\.jsonl", r"search_ablation\.json",
     r"items/[^/]+/[^/]+/[^/]+\.(?:png|npy)",
     r"records/[^/]+/[^/]+\.json",
     r"figures/[^/]+\.png",
+    # a distributed run's ranks (cycle/distributed.py): their failed images, their scopes, their done markers
+    r"shards/(?:skipped\.rank-[0-9]+\.jsonl|scope\.rank-[0-9]+\.json|done\.rank-[0-9]+\.json)",
 ))
 RUN_FOLDER_PATTERNS = tuple(re.compile(p) for p in (
-    r"items", r"items/[^/]+", r"items/[^/]+/[^/]+", r"records", r"records/[^/]+", r"figures",
+    r"items", r"items/[^/]+", r"items/[^/]+/[^/]+", r"records", r"records/[^/]+", r"figures", r"shards",
 ))
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 

@@ -1,0 +1,85 @@
+"""One process of a distributed explain test: `accelerate launch ... tests/distributed_explain_script.py`.
+
+Builds the fake explainer of cycle_fakes (generator from pixel brightness, keyword labeler, painting
+maker) on the queries of `make_queries` and runs `run_explainer_distributed` into --out. Hooks for
+the pitfalls under test, from the environment:
+  CYCLEX_TEST_DIE=RANK:CALLS   rank RANK exits at once (os._exit, like kill -9) at its CALLS-th generator call
+  CYCLEX_TEST_SLOW_RANK=RANK   rank RANK waits 3 s before its shard, so the others finish first
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+from cycle_fakes import KeywordLabeler, PaintingMaker, brightness_reports, query  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cyclex.adapters import CallableGenerator, GeneratorInfo  # noqa: E402
+from cyclex.cycle import CyclicExplainer  # noqa: E402
+
+# image id -> (heart, effusion, edema); ids with characters a file name cannot hold on purpose
+QUERIES = {"a": (0.9, 0.9, 0.1), "b/1": (0.9, 0.1, 0.1), "n": (0.1, 0.1, 0.1), "c d": (0.9, 0.9, 0.9),
+           "e": (0.1, 0.9, 0.1), "f": (0.9, 0.1, 0.9), "g": (0.1, 0.1, 0.9), "h": (0.9, 0.9, 0.1)}
+
+
+def make_queries(folder: Path, ids=None, *, write: bool = True) -> list[dict]:
+    """Records of the queries (input order: QUERIES' order, or `ids`' order), their PNGs in `folder`.
+
+    write: write the PNGs (the test does, once, before launching; the processes only read them).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for number, image_id in enumerate(ids or list(QUERIES)):
+        heart, effusion, edema = QUERIES[image_id]
+        path = folder / f"q{number}.png"
+        if write:
+            Image.fromarray(np.uint8(query(heart, effusion, edema)[0].numpy() * 255 + 0.5)).save(path)
+        records.append({"id": image_id, "image": str(path), "chest_box": [0, 0, 32, 32]})
+    return records
+
+
+def make_explainer(rank: int = 0) -> CyclicExplainer:
+    die_rank, _, die_calls = os.environ.get("CYCLEX_TEST_DIE", "").partition(":")
+    calls = [0]
+
+    def reports(images):
+        calls[0] += 1
+        if die_rank and int(die_rank) == rank and calls[0] >= int(die_calls):
+            os._exit(9)  # no clean-up at all, as a kill -9
+        return brightness_reports(images)
+
+    generator = CallableGenerator(reports, GeneratorInfo(name="fake:brightness", channels=1))
+    return CyclicExplainer(generator, KeywordLabeler(), PaintingMaker(ineffective={"Edema"}), frame_threshold=95)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--inputs", required=True)
+    parser.add_argument("--ids", default="", help="comma-separated ids of QUERIES (default: all)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=0, help="recorded in the settings (a settings-change test)")
+    args = parser.parse_args()
+
+    from cyclex.cycle.distributed import process_state, run_explainer_distributed
+
+    state = process_state()
+    records = make_queries(Path(args.inputs), [i for i in args.ids.split(",") if i] or None, write=False)
+    if os.environ.get("CYCLEX_TEST_SLOW_RANK", "") == str(state.process_index):
+        time.sleep(3)
+    summary = run_explainer_distributed(make_explainer(state.process_index), records, args.out,
+                                        batch_size=args.batch_size, progress=False, state=state,
+                                        run_settings={"test_steps": args.steps})
+    if summary is not None:
+        print(f"merged {summary['n']} items of {summary['n_images']} images")
+
+
+if __name__ == "__main__":
+    main()
