@@ -148,6 +148,7 @@ def evaluate(
     from rich.markup import escape
     from rich.table import Table
 
+    from cyclex.cycle.run_ownership import RunFolderError, locked_run_folder
     from cyclex.explain.evaluate_run import EvaluationConfig, evaluate_run
     from cyclex.specs.scorers import is_demo_generator_spec, load_scorers
 
@@ -157,12 +158,15 @@ def evaluate(
         config_path = Path(run) / "run_config.json"
         generator = json.loads(config_path.read_text()).get("generator") if config_path.is_file() else None
         scorers = load_scorers(classifier, encoder, lpips, thresholds, demo=is_demo_generator_spec(generator or ""))
-        summary = evaluate_run(run, classifier=scorers.classifier, encoder=scorers.encoder, lpips=scorers.lpips,
-                               annotations=annotations, scorer_provenance=scorers.describe(),
-                               config=EvaluationConfig(map_kind=map_kind, draw_figures=figures,
-                                                       thresholds=scorers.thresholds,
-                                                       not_applicable=scorers.not_applicable))
-    except (FileNotFoundError, ValueError) as error:
+        if not Path(run).is_dir():
+            raise FileNotFoundError(f"{run}: run folder not found")
+        with locked_run_folder(run):  # its metrics and figures are written into the run: one writer at a time
+            summary = evaluate_run(run, classifier=scorers.classifier, encoder=scorers.encoder, lpips=scorers.lpips,
+                                   annotations=annotations, scorer_provenance=scorers.describe(),
+                                   config=EvaluationConfig(map_kind=map_kind, draw_figures=figures,
+                                                           thresholds=scorers.thresholds,
+                                                           not_applicable=scorers.not_applicable))
+    except (FileNotFoundError, ValueError, RunFolderError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(code=1) from None
     table = Table(title=f"cyclex evaluate {run}")
@@ -509,7 +513,12 @@ def train_tailored_command(
     try:
         config = dataclasses.replace(TailoredTrainingConfig(), **{k: v for k, v in overrides.items() if v is not None})
         check_base_model(base)
-        # before anything is written: --out is this run's, the same run resumed, or refused
+        if Path(out).exists() and not Path(out).is_dir():
+            raise FileExistsError(f"--out {out} is a file; expected a folder for the tailored SD")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        # one trainer per folder: a second one (or an --overwrite) would mix checkpoints of two runs
+        held.enter_context(FolderLock(out))
+        # before anything else is written: --out is this run's, the same run resumed, or refused
         check_training_run(out, training_identity(generator, base, config), overwrite=overwrite)
         records = read_image_source(images)
         manifest = build_tailored_dataset(load_generator(generator), records, load_labeler(labeler),
@@ -526,7 +535,7 @@ def train_tailored_command(
             selection = select_checkpoints(out)
             console.print(f"best PSNR: {selection['best_psnr']}  best L1: {selection['best_l1']}  "
                           f"best L2: {selection['best_l2']}")
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FolderLockedError) as err:
         console.print(f"[red]error:[/red] {for_the_command_line(str(err), _TRAIN_FLAGS)}")
         raise typer.Exit(code=2) from err
 
@@ -556,6 +565,7 @@ def label_command(
     try:
         labels = label_csv(reports_csv, out, column=column, labeler=labeler, encoding=encoding)
     except (FileNotFoundError, KeyError, ValueError, TypeError, OSError) as error:
+    import contextlib
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(message))}")
         raise typer.Exit(code=2) from None
@@ -564,6 +574,7 @@ def label_command(
 
 
 @app.command("generate")
+    from cyclex.run_lock import FolderLock, FolderLockedError
 def generate_command(
     generator: str = typer.Argument(..., help=GENERATOR_HELP),
     images: list[str] = typer.Argument(..., help="X-ray files (PNG, JPEG, DICOM, ...)"),
@@ -577,6 +588,7 @@ def generate_command(
     from rich.markup import escape
 
     from cyclex.adapters import GeneratorError
+    held = contextlib.ExitStack()
     from cyclex.atomic_io import write_bytes_atomic
     from cyclex.csv_text import csv_bytes
     from cyclex.datasets.images import ImageReadError, read_image, resize_image
@@ -603,6 +615,8 @@ def generate_command(
         try:
             reports = model.generate(batch)
         except GeneratorError as error:
+    finally:
+        held.close()
             errors.print(f"[red]error:[/red] {escape(str(error))} (files: {', '.join(p for p, _ in chunk)})")
             failed.extend(p for p, _ in chunk)
             continue
@@ -708,7 +722,7 @@ def report_command(
             for run in runs:  # each run's own page, linked from the comparison
                 console.print(f"run report: {escape(str(write_run_report(run, mentions=mentions)))}")
             page = write_comparison_report(named, out or default_comparison_path(runs), mentions=mentions)
-    except (RunReportError, ValueError, FileNotFoundError) as error:
+    except (RunReportError, RunFolderError, ValueError, FileNotFoundError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(code=1) from None
     console.print(f"report: {escape(str(page))} (open it in a browser: file://{escape(str(page.resolve()))})")
@@ -770,6 +784,7 @@ def audit_command(
         else:
             raise ValueError("an audit needs at least two run folders, or --generator/--tailored pairs with --images")
     except (FileNotFoundError, ValueError, KeyError, RunFolderError) as error:
+    from cyclex.cycle.run_ownership import RunFolderError
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(code=1) from None
     names = audit["names"]

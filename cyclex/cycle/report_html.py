@@ -28,7 +28,6 @@ from typing import Any
 import jinja2
 
 from cyclex.atomic_io import write_text_atomic
-from cyclex.file_names import printable_text
 from cyclex.cycle.report_data import (
     REPORT_NAME,
     MentionFinder,
@@ -38,6 +37,8 @@ from cyclex.cycle.report_data import (
     format_rate,
     run_page_data,
 )
+from cyclex.cycle.run_ownership import locked_run_folder
+from cyclex.file_names import printable_text
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,11 @@ def write_run_report(run: str | os.PathLike, out_html: str | os.PathLike | None 
     labeler, a callable (report -> mentions) uses that, None turns highlighting off.
     """
     out = Path(out_html) if out_html is not None else Path(run) / REPORT_NAME
-    page_data = run_page_data(run, out, mentions=mentions)
-    write_text_atomic(out, render_page("run_report.html.jinja", page_data))
+    if not Path(run).is_dir():
+        raise RunReportError(f"{run}: run folder not found")
+    with locked_run_folder(run):  # never a page of a run half rewritten by a live `explain --overwrite`
+        page_data = run_page_data(run, out, mentions=mentions)
+        write_text_atomic(out, render_page("run_report.html.jinja", page_data))
     logger.info("report of %s (%d items) -> %s", Path(run), len(page_data["items"]), out)
     return out
 

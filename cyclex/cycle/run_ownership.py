@@ -245,16 +245,28 @@ def locked_run_folder(out: str | os.PathLike):
     """Hold the run lock of `out` (made if absent) for the block; RunFolderBusy when another run holds it.
 
     Refuses (RunFolderError) before writing anything when `out` is a folder cyclex must not write into.
+    Re-entrant within one process (a report written while the run holds its lock), never across processes.
     """
     out = Path(out)
     inspect_run_folder(out)
     out.mkdir(parents=True, exist_ok=True)
+    key = (os.getpid(), out.resolve())
+    held = _HELD_BY_THIS_PROCESS.get(key)
+    if held is not None:
+        yield held
+        return
     lock = FolderLock(out)
     try:
         lock.acquire()
     except FolderLockedError as err:
         raise RunFolderBusy(f"{err}; refusing a second writer into the same run folder", err.holder) from err
+    _HELD_BY_THIS_PROCESS[key] = lock
     try:
         yield lock
     finally:
+        del _HELD_BY_THIS_PROCESS[key]
         lock.release()
+
+
+# (pid, resolved folder) -> the lock this process holds on it; the pid keeps a forked child from reusing its parent's
+_HELD_BY_THIS_PROCESS: dict[tuple[int, Path], FolderLock] = {}

@@ -97,18 +97,28 @@ def shortcut_marker_overlap(run: str | Path, finding: str = "Cardiomegaly") -> d
 
 DEMO_MARKER_NAME = ".cyclex-demo.json"
 DEMO_MARKER_FORMAT = "cyclex-demo"
+# what the demo writes into its folder, besides a run folder per generator
+DEMO_ENTRIES = ("phantoms", "comparison.json", "comparison.html", "audit", DEMO_MARKER_NAME)
 
 
-def _is_legacy_demo_folder(out: Path) -> bool:
-    """A demo folder of a cyclex before the marker: its comparison.json and query phantoms are there."""
-    try:
-        comparison = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+def _is_legacy_demo_folder(out: Path, names: Sequence[str]) -> bool:
+    """A demo folder of a cyclex before the marker: only names the demo writes, and its runs or phantoms."""
+    from cyclex.cycle.run_ownership import RunFolderError, inspect_run_folder
+
+    if any(p.name not in {*DEMO_ENTRIES, *names} for p in out.iterdir()):
         return False
-    return isinstance(comparison, dict) and "generators" in comparison and (out / "phantoms" / "metadata.jsonl").is_file()
+    if (out / "phantoms" / "metadata.jsonl").is_file():
+        return True
+    for name in names:
+        try:
+            if (out / name).is_dir() and inspect_run_folder(out / name).kind != "new":
+                return True
+        except RunFolderError:
+            return False
+    return False
 
 
-def claim_demo_folder(out: Path) -> None:
+def claim_demo_folder(out: Path, names: Sequence[str] = ("clean", "shortcut")) -> None:
     """Make `out` the demo's folder, or refuse (RunFolderError) one cyclex did not make.
 
     The demo writes comparison.html / .json, phantoms/ and a run folder per generator into `out`, so a
@@ -133,7 +143,7 @@ def claim_demo_folder(out: Path) -> None:
         return
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out} is a file, not a folder; {refuse}")
-    if out.is_dir() and any(out.iterdir()) and not _is_legacy_demo_folder(out):
+    if out.is_dir() and any(out.iterdir()) and not _is_legacy_demo_folder(out, names):
         raise RunFolderError(f"{out} exists, is not empty and is not a cyclex demo folder (no {DEMO_MARKER_NAME}); "
                              f"{refuse}")
     from cyclex import __version__
@@ -155,7 +165,7 @@ def run_demo(out: str | Path = "runs/demo", *, n_images: int = 16, steps: int = 
 
     started = time.perf_counter()
     out = Path(out)
-    claim_demo_folder(out)  # before anything is built or written
+    claim_demo_folder(out, names)  # before anything is built or written
     assets = demo_assets(names)
     phantom_dir = out / "phantoms"
     existing = read_phantom_folder(phantom_dir) if (phantom_dir / "metadata.jsonl").is_file() else []

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cyclex.run_lock import is_lock_file
 from cyclex.tailored_training.config import TailoredTrainingConfig, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def remove_tailored_run(output_dir: str | Path, keep: Sequence[str | Path] = ())
             path.unlink()
         elif path.is_dir():
             shutil.rmtree(path)
-    kept = sorted(out.iterdir()) if out.is_dir() else []
+    kept = sorted(p for p in out.iterdir() if not is_lock_file(p.name)) if out.is_dir() else []  # the lock is ours
     if kept:
         logger.warning("%s: --overwrite kept %d entries a tailored run does not write: %s", out, len(kept),
                        ", ".join(p.name for p in kept[:5]))
