@@ -689,6 +689,27 @@ def demo_command(
     console.print(f"took {comparison['seconds']:.0f} s")
 
 
+BASELINE_HELP = ("gradcam: Grad-CAM of the generator's image encoder on the teacher-forced log-probability of the "
+                 "finding's words in its report, shown beside the frames (pip install 'cyclex[gradcam]')")
+
+
+def run_generators(runs: dict[str, Path]) -> dict:
+    """Each run's generator, loaded from the spec its run_config.json records."""
+    import json
+
+    from cyclex.specs.generators import load_generator
+
+    generators = {}
+    for name, run in runs.items():
+        config = Path(run) / "run_config.json"
+        spec = json.loads(config.read_text()).get("generator") if config.is_file() else None
+        if not spec or ":" not in str(spec):
+            raise ValueError(f"{config}: no generator spec recorded (field 'generator'); the baseline needs the "
+                             "run's generator")
+        generators[name] = load_generator(str(spec))
+    return generators
+
+
 @app.command("report")
 def report_command(
     runs: list[Path] = typer.Argument(..., help="run folder(s) written by `cyclex explain` / `cyclex demo`"),
@@ -696,6 +717,7 @@ def report_command(
                              "comparison.html in the runs' common folder for several)"),
     highlight: bool = typer.Option(True, "--highlight/--no-highlight",
                                    help="mark the findings' mentions in the reports (rule labeler)"),
+    baseline: str = typer.Option(None, "--baseline", help=BASELINE_HELP),
 ) -> None:
     """Write an HTML report of a run folder, or a side-by-side comparison page of several runs."""
     import logging
@@ -715,6 +737,11 @@ def report_command(
     console = Console()
     mentions = "rules" if highlight else None
     try:
+        if baseline:
+            from cyclex.cycle.audit_baselines import check_baseline, write_baselines
+
+            check_baseline(baseline)
+            write_baselines(baseline, run_names(runs), run_generators(run_names(runs)))
         if len(runs) == 1:
             page = write_run_report(runs[0], out, mentions=mentions)
         else:
@@ -722,7 +749,7 @@ def report_command(
             for run in runs:  # each run's own page, linked from the comparison
                 console.print(f"run report: {escape(str(write_run_report(run, mentions=mentions)))}")
             page = write_comparison_report(named, out or default_comparison_path(runs), mentions=mentions)
-    except (RunReportError, RunFolderError, ValueError, FileNotFoundError) as error:
+    except (RunReportError, RunFolderError, ValueError, FileNotFoundError, ImportError, TypeError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(code=1) from None
     console.print(f"report: {escape(str(page))} (open it in a browser: file://{escape(str(page.resolve()))})")
@@ -742,6 +769,7 @@ def audit_command(
     frame_normalize: bool = typer.Option(False, "--frame-normalize/--no-frame-normalize",
                                          help="stretch |I - CF| to a maximum of 255 before thresholding"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start the generators' run folders over"),
+    baseline: str = typer.Option(None, "--baseline", help=BASELINE_HELP),
 ) -> None:
     """Compare generators on the same images: Cyclic Rates with intervals, frame agreement, shortcut flags."""
     import logging
@@ -758,6 +786,9 @@ def audit_command(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
     try:
+        from cyclex.cycle.audit_baselines import check_baseline
+
+        check_baseline(baseline)
         if runs and generator:
             raise ValueError("give either run folders or --generator/--tailored, not both")
         if generator:
@@ -775,15 +806,16 @@ def audit_command(
                                        frames=FrameSettings(normalize=frame_normalize))
             audit = audit_generators({n: (load_generator(g), t) for n, g, t in zip(names, generator, tailored, strict=True)},
                                      images, out, settings, generator_specs=dict(zip(names, generator, strict=True)),
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, baseline=baseline)
         elif runs and len(runs) >= 2:
             boxes = None
             if images:
                 boxes = {str(r["id"]): r["chest_box"] for r in load_image_records(images) if r.get("chest_box")}
-            audit = audit_runs(run_names(runs), out, chest_boxes=boxes)
+            audit = audit_runs(run_names(runs), out, chest_boxes=boxes, baseline=baseline,
+                               generators=run_generators(run_names(runs)) if baseline else None)
         else:
             raise ValueError("an audit needs at least two run folders, or --generator/--tailored pairs with --images")
-    except (FileNotFoundError, ValueError, KeyError, RunFolderError) as error:
+    except (FileNotFoundError, ValueError, KeyError, RunFolderError, ImportError, TypeError) as error:
     from cyclex.cycle.run_ownership import RunFolderError
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(code=1) from None

@@ -149,19 +149,28 @@ def audit_page_data(audit: Mapping[str, Any], runs: Mapping[str, Path], page: Pa
 
 
 def audit_runs(runs: Mapping[str, str | os.PathLike], out: str | os.PathLike, *,
-               chest_boxes: Mapping[str, Sequence[int]] | None = None, mentions: Any = "rules") -> dict[str, Any]:
-    """Audit finished run folders (name -> folder, same images) and write the audit into `out`."""
+               chest_boxes: Mapping[str, Sequence[int]] | None = None, mentions: Any = "rules",
+               baseline: str | None = None, generators: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Audit finished run folders (name -> folder, same images) and write the audit into `out`.
+
+    baseline: "gradcam" first writes Grad-CAM baseline maps into each run (`cyclex.cycle.audit_baselines`,
+    generators: run name -> that run's generator), shown beside the frames on the page.
+    """
+    from cyclex.cycle.audit_baselines import write_baselines
+
+    write_baselines(baseline, dict(runs), dict(generators or {}))
     return write_audit(compute_audit(runs, chest_boxes=chest_boxes), runs, out, mentions=mentions)
 
 
 def audit_generators(generators: Mapping[str, tuple[Any, str | os.PathLike]], records: Any, out: str | os.PathLike,
                      settings: Any = None, *, generator_specs: Mapping[str, str] | None = None,
                      labeler_spec: str | None = "rules", progress: bool = True, overwrite: bool = False,
-                     mentions: Any = "rules") -> dict[str, Any]:
+                     mentions: Any = "rules", baseline: str | None = None) -> dict[str, Any]:
     """Explain `records` with each generator, then audit: name -> (generator, tailored SD folder).
 
     Each generator's run goes to OUT/runs/NAME (resumable, as `cyclex explain`); settings: one
-    `ExplainSettings` for all (like with like). Returns the audit (also OUT/audit.json).
+    `ExplainSettings` for all (like with like); baseline: "gradcam" adds Grad-CAM maps (`audit_runs`).
+    Returns the audit (also OUT/audit.json).
     """
     from cyclex.cycle.run_folder import load_image_records, run_explain
 
@@ -174,4 +183,5 @@ def audit_generators(generators: Mapping[str, tuple[Any, str | os.PathLike]], re
         run_explain(generator, tailored, records, runs[name], settings, labeler_spec=labeler_spec,
                     generator_spec=(generator_specs or {}).get(name), progress=progress, overwrite=overwrite)
     boxes = {str(r["id"]): r["chest_box"] for r in records if r.get("chest_box")}
-    return audit_runs(runs, out, chest_boxes=boxes, mentions=mentions)
+    return audit_runs(runs, out, chest_boxes=boxes, mentions=mentions, baseline=baseline,
+                      generators={name: generator for name, (generator, _) in generators.items()})

@@ -65,7 +65,10 @@ ITEM_IMAGES = (
     ("guidance_map_png", "RSE guidance map G = M * R"),
     ("mask_png", "Ground-truth mask"),
     ("shortcut_mask_png", "Shortcut marker"),
+    ("gradcam_png", "Grad-CAM baseline (image encoder, the finding's words)"),
 )
+# baseline maps written beside an item's PNGs after the run (`--baseline gradcam`), not named in its line
+BASELINE_FILES = {"gradcam_png": "gradcam.png"}
 # Metrics of `cyclex evaluate` shown on each card and in the header (others go in a collapsed table).
 KEY_METRICS = (
     ("l1", "pixel L1"), ("l2", "pixel L2"), ("ssim", "SSIM"), ("psnr", "PSNR"), ("lpips", "LPIPS"),
@@ -323,6 +326,9 @@ def _item(page_dir: Path, run: Mapping[str, Any], index: int, line: Mapping[str,
     lost = [str(f) for f in line.get("collateral_lost") or []]
     before_classes = {finding: "removed", **{f: "lost" for f in lost}}
     after_classes = {finding: "removed", **{f: "added" for f in added}}
+    item_dir = Path(str(line.get("query_png", ""))).parent
+    line = {**line, **{key: str(item_dir / name) for key, name in BASELINE_FILES.items()
+                       if key not in line and line.get("query_png") and (root / item_dir / name).is_file()}}
     images = [image for key, caption in ITEM_IMAGES
               if (image := _image(page_dir, root, line, key, caption, where)) is not None]
     metric_row = run["metrics"].get((str(line["image_id"]), finding))
