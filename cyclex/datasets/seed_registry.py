@@ -50,6 +50,7 @@ __all__ = [
     "TAILORED_SD_HELDOUT",
     "CF_THRESHOLD_CALIBRATION",
     "ANATOMICAL_PRIOR_FITTING",
+    "DEMO_INSTRUCT_TRAINING",
     "ANATOMICAL_PRIOR_CHECK",
     "RSE_BENCHMARK_QUERIES",
     "AUDIT_BENCHMARK_QUERIES",
@@ -141,6 +142,9 @@ CF_THRESHOLD_CALIBRATION = SeedUse(
 ANATOMICAL_PRIOR_FITTING = SeedUse(
     "anatomical_prior_fitting", TRAINING, (424_242,), 600, "cyclex.explain.anatomical_priors (FINDING_PRIORS)",
     "the anatomical prior rectangles of region-specific editing were read off these phantoms' true masks")
+DEMO_INSTRUCT_TRAINING = SeedUse(
+    "demo_instruct_training", TRAINING, (7_610,), 1500, "scripts/build_demo_instruct.py",
+    "the demo instruction editor (cyclex/demo/weights/instruct): exact pairs, each phantom with and without a finding")
 
 # --- validation: settings chosen, builds measured, retired benchmark sets ----------------------------------
 ANATOMICAL_PRIOR_CHECK = SeedUse(
@@ -192,7 +196,7 @@ AUDIT_BENCHMARK_QUERIES = SeedUse(
 
 SEED_USES: tuple[SeedUse, ...] = (
     DEMO_GENERATORS_TRAINING, PHANTOM_CLASSIFIER_TRAINING, DEMO_VAE_TRAINING, TAILORED_SD_TRAINING,
-    CF_THRESHOLD_CALIBRATION, ANATOMICAL_PRIOR_FITTING,
+    CF_THRESHOLD_CALIBRATION, ANATOMICAL_PRIOR_FITTING, DEMO_INSTRUCT_TRAINING,
     PHANTOM_CLASSIFIER_VALIDATION, ANATOMICAL_PRIOR_CHECK, DEMO_VAE_HELDOUT, TAILORED_SD_HELDOUT, DEMO_GUIDANCE_VALIDATION,
     CYCLE_BENCHMARK_DEVELOPMENT, RSE_VALIDATION,
     DEMO_QUERIES, CYCLE_BENCHMARK_QUERIES, SEARCH_BENCHMARK_QUERIES, GENERATORS_BENCHMARK_QUERIES,
