@@ -1,22 +1,32 @@
 """Region-specific editing against plain DDIM on held-out phantoms (issue 19's benchmark).
 
 `python -m benchmarks.rse [--n 100] [--n-validation 50] [--steps 50] [--generator clean]`:
-1. on validation phantoms (`RSE_VALIDATION`) sweep RSE's tau (0.1 .. 0.5) and the pixel paste, and
-   choose the setting with the lowest outside energy among those whose Cyclic Rate is within 0.02 of
-   plain DDIM's there (t_rel = 0.5 as DiffEdit, 4 relevance draws, the anatomical prior: not swept);
+1. on validation phantoms (`RSE_VALIDATION`) sweep RSE's tau (0.1 .. 0.5) with the pixel paste on
+   (an earlier sweep on these validation phantoms found paste lowering outside energy at every tau;
+   the paper's no-paste default is still reported), and choose the setting with the lowest outside
+   energy among those whose Cyclic Rate is within 0.02 of plain DDIM's there (t_rel = 0.5 as DiffEdit,
+   4 relevance draws, the anatomical prior: not swept); the same rule chooses instruct + RSE's tau
+   against the instruction editor's own validation Cyclic Rate;
 2. on held-out query phantoms (`RSE_BENCHMARK_QUERIES`) explain with the demo generator and its
-   tailored SD three times at the demo's settings (omega, checkpoint, frame normalisation): plain
-   DDIM, RSE at the chosen setting (`rse`, the headline) and RSE at the paper's tau = 0.1 without
-   paste (`rse_paper_default`), and write benchmarks/results/rse.json. Per maker, on the same items:
+   tailored SD at the demo's settings (omega, checkpoint, frame normalisation): plain DDIM, RSE at the
+   chosen setting (`rse`, the headline), RSE at the paper's tau = 0.1 without paste
+   (`rse_paper_default`), the demo instruction editor (`instruct`: InstructPix2Pix three-way guidance
+   at the paper's s_T = 7.5, s_I = 1.5, "Remove the {finding}") and the editor with RSE masking
+   (`instruct_rse`), and write benchmarks/results/rse.json. Per maker, on the same items:
 - `cyclic_rate` with a bootstrap 95 % interval (over items), `cyclic_rate_without_collateral`;
 - `outside_energy`: share of |I - CF| mass outside the finding's true mask (mean over items with a mask);
 - `pixel_auc`: pixel ROC-AUC of the saved positive map against the true mask (whole image);
 - `true_cf_l1` / `true_cf_ssim`: the counterfactual against the world's true counterfactual, the same
   phantom redrawn without the finding (`cyclex.datasets.phantom.without_finding`);
-- RSE only: `guidance_map_pixel_auc` (the guidance map G = M * R against the true mask) and the edit
-  mask's mean area.
-Every figure is a pixel metric against the phantom world's truth: no learned scorer is involved.
-The instruction-editing makers (`instruct`, `instruct_rse`) are not built yet and are listed as such.
+- masked makers only: `guidance_map_pixel_auc` (the guidance map G = M * R against the true mask) and
+  the edit mask's mean area;
+- `population`: per maker, its set of counterfactuals against the set of true counterfactuals of the
+  same items: KL of the mean predicted finding probabilities and FID in the phantom classifier's
+  features (both stand-ins: the demo's phantom classifier in place of a CheXpert classifier and of
+  Inception / torchxrayvision features); CMIG is not computed (the phantom world has no retention
+  attributes such as race or age).
+Every other figure is a pixel metric against the phantom world's truth: no learned scorer is involved.
+The instruction editor was trained on exact phantom pairs of `DEMO_INSTRUCT_TRAINING` (seed registry).
 Every run starts fresh in benchmarks/.work/rse.
 """
 
@@ -32,6 +42,7 @@ import numpy as np
 
 from cyclex.datasets.seed_registry import (
     ANATOMICAL_PRIOR_FITTING,
+    DEMO_INSTRUCT_TRAINING,
     RSE_BENCHMARK_QUERIES,
     RSE_VALIDATION,
     TAILORED_SD_TRAINING,
@@ -40,8 +51,9 @@ from cyclex.datasets.seed_registry import (
 
 RESULTS = Path(__file__).parent / "results" / "rse.json"
 WORK = Path(__file__).parent / ".work" / "rse"
-MAKERS = ("ddim", "rse")
-NOT_BUILT = ("instruct", "instruct_rse")
+MAKERS = ("ddim", "rse", "instruct", "instruct_rse")
+INSTRUCT_GUIDANCE = 7.5  # s_T (InstructPix2Pix)
+INSTRUCT_IMAGE_GUIDANCE = 1.5  # s_I
 
 
 def bootstrap_ci(values, n_resamples: int = 2000, seed: int = 0) -> list[float] | None:
@@ -61,8 +73,9 @@ def _mask(path: Path) -> np.ndarray:
         return np.asarray(image) > 127
 
 
-def item_measures(run: Path, phantoms: dict, config) -> list[dict]:
-    """One dict per result line: verdicts and, where the phantom has the finding, the pixel measures."""
+def item_measures(run: Path, phantoms: dict, config, images: dict | None = None) -> list[dict]:
+    """One dict per result line: verdicts and, where the phantom has the finding, the pixel measures.
+    images: when given, collects (counterfactual, true counterfactual) arrays per item for `population`."""
     from skimage.metrics import structural_similarity
 
     from cyclex.datasets.phantom import without_finding
@@ -80,6 +93,8 @@ def item_measures(run: Path, phantoms: dict, config) -> list[dict]:
             counterfactual = np.clip(query - signed, 0, 1)
             true_cf = without_finding(phantom, line["finding"], config).image.astype(np.float32)
             energy = np.abs(signed)
+            if images is not None:
+                images[(line["image_id"], line["finding"])] = (counterfactual, true_cf)
             item.update({
                 "outside_energy": float(energy[~mask].sum() / max(energy.sum(), 1e-12)),
                 "pixel_auc": pixel_roc_auc(np.load(run / line["positive_npy"]), mask),
@@ -123,12 +138,39 @@ def paired_difference(a: list[dict], b: list[dict], key: str) -> dict | None:
 
 # the sweep on validation phantoms: (tau, paste) candidates; the paper's (0.1, no paste) is always reported too
 TAUS = (0.1, 0.2, 0.3, 0.5)
-PASTES = (False, True)
+PASTES = (True,)
+INSTRUCT_TAUS = (0.1, 0.3, 0.5)
 PAPER_DEFAULT = {"tau": 0.1, "paste_query_outside_mask": False}
 
 
+def population_measures(sets: dict[str, dict], classifier) -> dict:
+    """Per maker: KL(P_true || Q_maker) of mean predicted probabilities and FID, on the items every maker
+    has (stand-in scorer: the phantom classifier's sigmoid outputs and penultimate features)."""
+    import torch
+
+    from cyclex.explain.population import EncoderFeatures, frechet_distance, mean_probability_kl
+
+    common = sorted(set.intersection(*(set(v) for v in sets.values()))) if sets else []
+    if len(common) < 2:
+        return {"status": f"too few common items ({len(common)})"}
+    truth = torch.from_numpy(np.stack([next(iter(sets.values()))[k][1] for k in common]))[:, None]
+    features = EncoderFeatures(classifier, classifier.num_features)
+    p_true = torch.sigmoid(classifier(truth)).numpy()
+    out = {"n_items": len(common), "scorer": "stand-in: demo phantom classifier (cyclex.demo.phantom_classifier) "
+           "probabilities (KL) and penultimate features (FID), in place of a CheXpert classifier and Inception features",
+           "cmig": None, "cmig_status": "not computed: the phantom world has no retention attributes (race, age)",
+           "makers": {}}
+    for name, items in sets.items():
+        generated = torch.from_numpy(np.stack([items[k][0] for k in common]))[:, None]
+        q = torch.sigmoid(classifier(generated)).numpy()
+        out["makers"][name] = {"kl_true_vs_maker": mean_probability_kl(p_true, q),
+                               "fid_vs_true_cf": frechet_distance(truth, generated, features)}
+    return out
+
+
 def choose_setting(sweep: list[dict], ddim_rate: float) -> dict:
-    """Lowest outside energy among the settings whose Cyclic Rate is within 0.02 of DDIM's (smaller tau first)."""
+    """Lowest outside energy among the settings whose Cyclic Rate is within 0.02 of the reference's
+    (plain DDIM's for RSE, the editor's own for instruct + RSE; smaller tau first)."""
     eligible = [s for s in sweep if (s["cyclic_rate"] or 0) >= ddim_rate - 0.02 and s.get("outside_energy") is not None]
     if not eligible:
         return dict(PAPER_DEFAULT)
@@ -139,6 +181,8 @@ def choose_setting(sweep: list[dict], ddim_rate: float) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.cycle import held_out_queries
     from cyclex.cycle.run_folder import run_explain
+    from cyclex.demo.instruct_model import DEMO_INSTRUCT_DIR
+    from cyclex.demo.phantom_classifier import load_phantom_classifier
     from cyclex.demo.run_demo import (
         DEMO_CHECKPOINT,
         DEMO_FRAME_NORMALIZE,
@@ -170,11 +214,15 @@ def main(argv: list[str] | None = None) -> dict:
     common = {"steps": args.steps, "guidance": DEMO_GUIDANCE, "strength": DEMO_STRENGTH, "checkpoint": DEMO_CHECKPOINT,
               "frame_normalize": DEMO_FRAME_NORMALIZE}
 
-    def run(records, phantoms, config, folder: Path, variant: str, maker_kwargs=None) -> tuple[dict, list[dict]]:
+    instruct = {"instruct_model": str(DEMO_INSTRUCT_DIR), "image_guidance_scale": INSTRUCT_IMAGE_GUIDANCE}
+
+    def run(records, phantoms, config, folder: Path, variant: str, maker_kwargs=None,
+            images: dict | None = None) -> tuple[dict, list[dict]]:
         start = time.perf_counter()
+        overrides = {**common, "guidance": INSTRUCT_GUIDANCE} if variant.startswith("instruct") else common
         run_explain(generator, assets["tailored"], records, folder, variant=variant, maker_kwargs=maker_kwargs,
-                    generator_spec=f"demo:{args.generator}", labeler_spec="rules", progress=False, **common)
-        items = item_measures(folder, phantoms, config)
+                    generator_spec=f"demo:{args.generator}", labeler_spec="rules", progress=False, **overrides)
+        items = item_measures(folder, phantoms, config, images)
         return {**summarise(items), "seconds": round(time.perf_counter() - start, 1)}, items
 
     # 1. Choose tau and the pixel paste on validation phantoms (never on the reported ones)
@@ -188,6 +236,15 @@ def main(argv: list[str] | None = None) -> dict:
             sweep.append({**setting, **{k: summary.get(k) for k in ("cyclic_rate", "outside_energy", "edit_area",
                                                                      "guidance_map_pixel_auc", "true_cf_l1")}})
     chosen = choose_setting(sweep, ddim_validation["cyclic_rate"] or 0)
+    instruct_validation, _ = run(records, phantoms, config, WORK / "validation_instruct", "instruct", instruct)
+    instruct_sweep = []
+    for tau in INSTRUCT_TAUS:
+        setting = {"tau": tau, "paste_query_outside_mask": True}
+        summary, _ = run(records, phantoms, config, WORK / f"validation_instruct_rse_{tau}", "instruct-rse",
+                         {**instruct, **setting})
+        instruct_sweep.append({**setting, **{k: summary.get(k) for k in ("cyclic_rate", "outside_energy", "edit_area",
+                                                                          "guidance_map_pixel_auc", "true_cf_l1")}})
+    instruct_chosen = choose_setting(instruct_sweep, instruct_validation["cyclic_rate"] or 0)
 
     # 2. Report on held-out phantoms: plain DDIM, RSE at the chosen setting, RSE at the paper's setting
     records, _, (phantoms, config) = held_out_queries(args.n, RSE_BENCHMARK_QUERIES.set_seed, WORK / "phantoms")
@@ -195,32 +252,45 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "rse", "generator": f"demo:{args.generator}", "n_phantoms": args.n, "steps": args.steps,
         "settings": {**common, "rse": {"relevance_strength": 0.5, "relevance_draws": 4, "prior": "anatomy", **chosen},
                      "rse_paper_default": {"relevance_strength": 0.5, "relevance_draws": 4, "prior": "anatomy",
-                                           **PAPER_DEFAULT}},
+                                           **PAPER_DEFAULT},
+                     "instruct": {"guidance_scale_s_T": INSTRUCT_GUIDANCE, "image_guidance_scale_s_I":
+                                  INSTRUCT_IMAGE_GUIDANCE, "instruct_model": "demo (cyclex/demo/weights/instruct)",
+                                  "instruction": "Remove the {finding}"},
+                     "instruct_rse": {"relevance_strength": 0.5, "relevance_draws": 4, "prior": "anatomy",
+                                      **instruct_chosen}},
         "validation": {"n_phantoms": args.n_validation, "seeds": validation_ranges,
                        "rule": "lowest outside_energy among (tau, paste) with Cyclic Rate >= DDIM's - 0.02",
                        "ddim": {k: ddim_validation.get(k) for k in ("cyclic_rate", "outside_energy")},
-                       "sweep": sweep, "chosen": chosen},
+                       "sweep": sweep, "chosen": chosen,
+                       "instruct": {k: instruct_validation.get(k) for k in ("cyclic_rate", "outside_energy")},
+                       "instruct_rse_sweep": instruct_sweep, "instruct_rse_chosen": instruct_chosen},
         "query_seeds": query_ranges,
-        "training_seeds": {"tailored_sd": TAILORED_SD_TRAINING.ranges, "anatomical_priors": ANATOMICAL_PRIOR_FITTING.ranges},
-        "scorer": "none: pixel metrics against the phantom world's true masks and true counterfactuals",
-        "provenance": {**environment(), "tailored_sd_sha256": files_sha256([assets["tailored"]])},
+        "training_seeds": {"tailored_sd": TAILORED_SD_TRAINING.ranges, "anatomical_priors": ANATOMICAL_PRIOR_FITTING.ranges,
+                           "instruct_editor": DEMO_INSTRUCT_TRAINING.ranges},
+        "scorer": "none for the per-maker figures: pixel metrics against the phantom world's true masks and true "
+                  "counterfactuals; `population` uses a stand-in (see there)",
+        "provenance": {**environment(), "tailored_sd_sha256": files_sha256([assets["tailored"]]),
+                       "instruct_editor_sha256": files_sha256([DEMO_INSTRUCT_DIR]),
+                       "instruct_editor_training": json.loads((DEMO_INSTRUCT_DIR / "cyclex_instruct.json").read_text())},
         "makers": {},
     }
-    per_maker = {}
-    arms = {"ddim": ("ddim", None), "rse": ("rse", chosen), "rse_paper_default": ("rse", PAPER_DEFAULT)}
+    per_maker, image_sets = {}, {}
+    arms = {"ddim": ("ddim", None), "rse": ("rse", chosen), "rse_paper_default": ("rse", PAPER_DEFAULT),
+            "instruct": ("instruct", instruct), "instruct_rse": ("instruct-rse", {**instruct, **instruct_chosen})}
     for name, (variant, maker_kwargs) in arms.items():
-        results["makers"][name], per_maker[name] = run(records, phantoms, config, WORK / name, variant, maker_kwargs)
-    for name in NOT_BUILT:
-        results["makers"][name] = {"status": "not built: the instruction-editing backend of issue 19 is not implemented"}
-    results["paired_rse_minus_ddim"] = {key: paired_difference(per_maker["ddim"], per_maker["rse"], key)
-                                        for key in ("verified", "outside_energy", "pixel_auc", "true_cf_l1")}
+        image_sets[name] = {}
+        results["makers"][name], per_maker[name] = run(records, phantoms, config, WORK / name, variant, maker_kwargs,
+                                                       image_sets[name])
+    results["population"] = population_measures(image_sets, load_phantom_classifier(train_if_missing=False))
+    for other in ("rse", "instruct", "instruct_rse"):
+        results[f"paired_{other}_minus_ddim"] = {key: paired_difference(per_maker["ddim"], per_maker[other], key)
+                                                 for key in ("verified", "outside_energy", "pixel_auc", "true_cf_l1")}
     ddim, rse = results["makers"]["ddim"], results["makers"]["rse"]
     results["goals"] = {
         "rse_outside_energy_le_fifth_of_ddim": rse.get("outside_energy", 1) <= ddim.get("outside_energy", 0) / 5,
         "rse_cyclic_rate_not_lower": (rse["cyclic_rate"] or 0) >= (ddim["cyclic_rate"] or 0) - 0.02,
         "rse_guidance_map_pixel_auc_ge_0.85": rse.get("guidance_map_pixel_auc", 0) >= 0.85,
         "rse_closer_to_true_cf_l1": rse.get("true_cf_l1", 1) < ddim.get("true_cf_l1", 0),
-        "instruct_built": False,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
