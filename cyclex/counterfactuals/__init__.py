@@ -69,6 +69,17 @@ def _instruct_rse(pipe, *, instruct_model=None, **settings) -> CounterfactualMak
     return InstructRegionEditMaker(instruct_pipe, model_name=model_name, **settings)
 
 
+def _causal(pipe, *, causal_model=None, num_inference_steps=None, guidance_scale=None, strength=None,
+            **settings) -> CounterfactualMaker:
+    """The engine hands every factory its tailored SD and DDIM settings; the causal maker uses none of them."""
+    if causal_model is None:
+        raise ValueError("variant 'causal' needs causal_model=DIR, a folder from `cyclex train-causal` "
+                         "(cyclex explain --variant causal --causal-model DIR)")
+    from cyclex.counterfactuals.causal import CausalCounterfactualMaker
+
+    return CausalCounterfactualMaker.from_pretrained(causal_model, **settings)
+
+
 BUILTIN_MAKERS: dict[str, MakerFactory] = {
     "ddim": _ddim,
     "nti": _nti,
@@ -77,6 +88,7 @@ BUILTIN_MAKERS: dict[str, MakerFactory] = {
     "rse": _rse,
     "instruct": _instruct,
     "instruct-rse": _instruct_rse,
+    "causal": _causal,
 }
 
 _REGISTERED: dict[str, MakerFactory] = {}  # register_maker's additions (win over built-ins and plugins)

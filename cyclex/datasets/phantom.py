@@ -33,6 +33,12 @@ import numpy as np
 
 from cyclex.atomic_io import write_bytes_atomic as _atomic_write_bytes
 from cyclex.datasets.phantom_anatomy import build_anatomy
+from cyclex.datasets.phantom_attributes import (
+    PatientAttributes,
+    anatomy_effects,
+    finding_rates,
+    sample_attributes,
+)
 from cyclex.datasets.phantom_findings import DEVICES, DRAWABLE, FINDING_DRAWERS, SEVERITIES, SIDED
 from cyclex.datasets.phantom_reports import HEDGEABLE, REPORT_STYLES, phantom_report
 from cyclex.findings import FindingLabels, canonical_finding, finding_slug
@@ -41,7 +47,7 @@ from cyclex.jsonl import read_jsonl
 logger = logging.getLogger(__name__)
 
 # Stream ids of the per-seed random generators (one stream per kind of choice).
-_ANATOMY, _PRESENCE, _NOISE, _REPORT, _EXPOSURE, _SHORTCUT, _SAMPLE, _DRAW = range(1, 9)
+_ANATOMY, _PRESENCE, _NOISE, _REPORT, _EXPOSURE, _SHORTCUT, _SAMPLE, _DRAW, _ATTRIBUTES = range(1, 10)
 
 # With normal_rate 0.25 and max_findings 3 these give overall rates of about 0.13-0.18 per finding.
 DEFAULT_PREVALENCE: dict[str, float] = {
@@ -129,6 +135,9 @@ class PhantomConfig:
     report_style: str = "varied"  # "varied" or "canonical"
     blur_sigma: float = 0.45  # pixels at 64 px, scaled with size
     mask_min_change: float = 0.5 / 255  # a mask pixel changes by this much at least (module docstring)
+    # Patient age and sex as causal parents of anatomy and findings (phantom_attributes.py). Off by
+    # default: phantoms then stay bit-identical to those the shipped weights were trained on.
+    attributes: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or not MIN_SIZE <= self.size <= MAX_SIZE:
@@ -175,6 +184,7 @@ class Phantom:
     findings_meta: dict[str, dict]
     seed: int
     shortcut_box: tuple[int, int, int, int] | None = None
+    attributes: dict | None = None  # {"age": years, "sex": "female" | "male"} with PhantomConfig.attributes
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -205,9 +215,30 @@ def _validate_forced(finding: str, meta: Mapping) -> dict:
     return dict(meta)
 
 
-def _choose_findings(seed: int, config: PhantomConfig, forced: Mapping[str, Mapping] | None) -> dict[str, dict]:
+def _present_by_attributes(seed: int, config: PhantomConfig, attributes: PatientAttributes) -> list[str]:
+    """Findings present under the attributes' rates, each decided by its own uniform draw of the seed.
+
+    present iff u_f < rate_f(age, sex): the u_f are the findings' exogenous noise, so the same seed
+    under do(age) or do(sex) gains or loses exactly the findings whose threshold moved past u_f.
+    A normal draw comes first (normal_rate) and extra findings beyond max_findings are dropped by a
+    fixed random priority, both also functions of the seed only.
+    """
+    rng = _rng(seed, _PRESENCE)
+    normal_draw, draws, priority = rng.random(), rng.random(len(DRAWABLE)), rng.random(len(DRAWABLE))
+    if config.normal_rate is not None and normal_draw < config.normal_rate:
+        return []
+    rates = finding_rates({f: config.prevalence.get(f, 0.0) for f in DRAWABLE}, attributes)
+    present = [i for i, finding in enumerate(DRAWABLE) if draws[i] < rates[finding]]
+    kept = sorted(sorted(present, key=lambda i: priority[i])[:config.max_findings])
+    return [DRAWABLE[i] for i in kept]
+
+
+def _choose_findings(seed: int, config: PhantomConfig, forced: Mapping[str, Mapping] | None,
+                     attributes: PatientAttributes | None = None) -> dict[str, dict]:
     """Present findings -> meta (severity, side, ...), sampled or forced."""
-    if forced is None:
+    if forced is None and attributes is not None:
+        requested: dict[str, dict] = {f: {} for f in _present_by_attributes(seed, config, attributes)}
+    elif forced is None:
         rng = _rng(seed, _PRESENCE)
         rates = np.array([config.prevalence.get(f, 0.0) for f in DRAWABLE])
         present: list[str] = []
@@ -219,7 +250,7 @@ def _choose_findings(seed: int, config: PhantomConfig, forced: Mapping[str, Mapp
         if len(present) > config.max_findings:
             keep = set(rng.choice(len(present), size=config.max_findings, replace=False).tolist())
             present = [f for i, f in enumerate(present) if i in keep]
-        requested: dict[str, dict] = {f: {} for f in present}
+        requested = {f: {} for f in present}
     else:
         requested = {}
         for name, meta in forced.items():
@@ -262,20 +293,35 @@ def _render(anatomy, findings: Mapping[str, dict], seed: int, exposure: tuple[fl
     return image.astype(np.float32)
 
 
+def _patient_attributes(seed: int, config: PhantomConfig, forced: Mapping | None) -> PatientAttributes | None:
+    if not config.attributes:
+        if forced is not None:
+            raise ValueError("make_phantom(attributes=...) needs PhantomConfig(attributes=True)")
+        return None
+    drawn = sample_attributes(_rng(seed, _ATTRIBUTES))
+    return drawn if forced is None else drawn.replaced(forced)
+
+
 def make_phantom(seed: int, config: PhantomConfig | None = None, findings: Mapping[str, Mapping] | None = None,
-                 *, shortcut: bool | None = None, phantom_id: str | None = None) -> Phantom:
+                 *, shortcut: bool | None = None, phantom_id: str | None = None,
+                 attributes: Mapping | None = None) -> Phantom:
     """Draw one phantom.
 
-    findings=None samples findings by `config.prevalence`; `findings={}` gives a normal phantom;
+    findings=None samples findings by `config.prevalence` (and, with config.attributes, the
+    patient's age and sex); `findings={}` gives a normal phantom;
     `findings={"Cardiomegaly": {"severity": "moderate"}}` forces findings (unspecified options are
     sampled from the seed). `shortcut=True/False` forces the shortcut marker (needs config.shortcut).
+    attributes: force age and / or sex (needs config.attributes), e.g. `{"age": 80}`; the others and
+    every other random choice keep the seed's draws (see `do_attribute`).
     """
     seed = _check_seed(seed)
     config = config or PhantomConfig()
     size = config.size
-    chosen = _choose_findings(seed, config, findings)
+    patient = _patient_attributes(seed, config, attributes)
+    chosen = _choose_findings(seed, config, findings, patient)
 
-    anatomy = build_anatomy(_rng(seed, _ANATOMY), size)
+    effects = anatomy_effects(patient) if patient is not None else None
+    anatomy = build_anatomy(_rng(seed, _ANATOMY), size, effects)
     erng = _rng(seed, _EXPOSURE)
     exposure = (float(erng.uniform(0.85, 1.15)), float(erng.uniform(0.92, 1.08)), float(erng.uniform(-0.03, 0.03)))
     blur = config.blur_sigma * size / 64
@@ -318,6 +364,7 @@ def make_phantom(seed: int, config: PhantomConfig | None = None, findings: Mappi
         findings_meta={f: dict(m) for f, m in chosen.items()},
         seed=seed,
         shortcut_box=marker_box,
+        attributes=patient.to_dict() if patient is not None else None,
     )
 
 
@@ -375,6 +422,8 @@ def phantom_record(phantom: Phantom, image_path: str, mask_paths: dict[str, str]
         "findings_meta": phantom.findings_meta,
         "seed": phantom.seed,
         "size": int(phantom.image.shape[0]),
+        # only with attributes on, so metadata written before attributes existed stays byte-identical
+        **({"attributes": phantom.attributes} if phantom.attributes is not None else {}),
     }
 
 
@@ -439,4 +488,25 @@ def without_finding(phantom: Phantom, finding: str, config: PhantomConfig | None
         raise ValueError(f"phantom {phantom.id} has no {finding!r}; present: {sorted(phantom.findings_meta)}")
     kept = {f: m for f, m in phantom.findings_meta.items() if f != finding}
     forced_marker = phantom.shortcut if config.shortcut is not None else None
-    return replace(make_phantom(phantom.seed, config, kept, shortcut=forced_marker), id=phantom.id)
+    return replace(make_phantom(phantom.seed, config, kept, shortcut=forced_marker, attributes=phantom.attributes),
+                   id=phantom.id)
+
+
+def do_attribute(phantom: Phantom, config: PhantomConfig, *, keep_findings: bool = False, **changes) -> Phantom:
+    """The same patient under do(attribute = value): the world's true counterfactual (phantom_attributes.py).
+
+    `do_attribute(p, config, age=80)` redraws p's seed with age forced to 80 and every exogenous draw
+    kept. keep_findings=False (the total effect): the findings are re-decided by their own draws under
+    the new age's rates, so some may appear or vanish; keep_findings=True (the direct effect): p's
+    findings are held, only the anatomy changes. `config` must be the one p was made with.
+    """
+    if not config.attributes or phantom.attributes is None:
+        raise ValueError(f"do_attribute: phantom {phantom.id} has no attributes; make it with PhantomConfig(attributes=True)")
+    if not changes:
+        raise ValueError("do_attribute needs at least one attribute to set, e.g. age=80 or sex='male'")
+    if config.size != int(phantom.image.shape[0]):
+        raise ValueError(f"config.size {config.size} differs from phantom {phantom.id}'s size {phantom.image.shape[0]}")
+    forced = {**phantom.attributes, **changes}
+    findings = phantom.findings_meta if keep_findings else None
+    forced_marker = phantom.shortcut if config.shortcut is not None else None
+    return replace(make_phantom(phantom.seed, config, findings, shortcut=forced_marker, attributes=forced), id=phantom.id)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from cyclex.datasets.phantom_attributes import AnatomyEffects
+
 # Sub-pixel precision for cv2 drawing (coordinates are multiplied by 2**_SHIFT).
 _SHIFT = 4
 _SCALE = float(1 << _SHIFT)
@@ -213,8 +215,13 @@ def lerp(image: np.ndarray, value: float | np.ndarray, alpha: np.ndarray) -> np.
     return image + (value - image) * alpha
 
 
-def build_anatomy(rng: np.random.Generator, size: int) -> Anatomy:
-    """Sample one patient's anatomy and render its normal base image (float32, H x W)."""
+def build_anatomy(rng: np.random.Generator, size: int, effects: AnatomyEffects | None = None) -> Anatomy:
+    """Sample one patient's anatomy and render its normal base image (float32, H x W).
+
+    effects: what the patient's attributes change (`phantom_attributes.anatomy_effects`), applied to
+    the drawn shapes after every random draw, so the same draws give the same patient at any age or
+    sex; None (attributes off) runs the original expressions untouched.
+    """
     tf = PatientTransform(
         size=size,
         scale=float(rng.uniform(0.9, 1.04)),
@@ -224,6 +231,9 @@ def build_anatomy(rng: np.random.Generator, size: int) -> Anatomy:
     lateral = float(rng.uniform(0.13, 0.17))
     apex_v = float(rng.uniform(0.15, 0.19))
     cp_v = float(rng.uniform(0.72, 0.78))
+    if effects is not None:
+        cp_v += effects.lung_height_shift
+        lateral -= effects.lung_width_shift
     lungs = {
         "right": LungShape("right", (0.37, apex_v), lateral, 0.445, cp_v, cp_v - 0.03, float(rng.uniform(0.05, 0.08))),
         # The left hemidiaphragm sits a little lower; the heart hides the left medial lung.
@@ -234,6 +244,12 @@ def build_anatomy(rng: np.random.Generator, size: int) -> Anatomy:
     heart = {"u": 0.565 + float(rng.uniform(-0.015, 0.015)), "v": cp_v - 0.15 + float(rng.uniform(-0.015, 0.015)),
              "a": float(rng.uniform(0.145, 0.165)), "b": float(rng.uniform(0.095, 0.11)),
              "angle": float(rng.uniform(15, 30))}
+    if effects is not None:
+        heart["a"] *= effects.heart_scale
+        heart["b"] *= effects.heart_scale
+    bone_add, clavicle_add = BONE_ADD, CLAVICLE_ADD
+    if effects is not None:
+        bone_add, clavicle_add = BONE_ADD * effects.bone_contrast, CLAVICLE_ADD * effects.bone_contrast
 
     body_uv = np.array([[0.40, -0.2], [0.60, -0.2], [0.61, 0.08], [0.80, 0.11], [0.92, 0.18], [0.97, 0.32],
                         [0.98, 1.2], [0.02, 1.2], [0.03, 0.32], [0.08, 0.18], [0.20, 0.11], [0.39, 0.08]])
@@ -284,13 +300,13 @@ def build_anatomy(rng: np.random.Generator, size: int) -> Anatomy:
     ribs = {side: _rib_lines(rng, side, lungs[side], 9) for side in ("right", "left")}
     rib_cov = draw_polylines(tf, ribs["right"] + ribs["left"], rib_thickness)
     # Ribs show best against the dark lungs; soft tissue and the heart wash them out.
-    image = image + BONE_ADD * rib_cov * body * (0.35 + 0.65 * lungs_union)
+    image = image + bone_add * rib_cov * body * (0.35 + 0.65 * lungs_union)
 
     s = np.linspace(0, 1, 10)
     u = 0.47 - 0.29 * s
     v = apex_v + 0.015 - 0.05 * s + 0.015 * np.sin(np.pi * s)
     clavicles = draw_polylines(tf, [np.stack([u, v], 1), np.stack([1 - u, v], 1)], 0.03)
-    image = image + CLAVICLE_ADD * clavicles
+    image = image + clavicle_add * clavicles
 
     image = lerp(image, MARKER, draw_laterality_marker(size))
 

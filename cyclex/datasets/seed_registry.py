@@ -63,6 +63,9 @@ __all__ = [
     "GENERATORS_BENCHMARK_QUERIES",
     "TAILORED_BENCHMARK_QUERIES",
     "TAILORED_BENCHMARK_THROUGHPUT",
+    "CAUSAL_TRAINING",
+    "CAUSAL_VALIDATION",
+    "CAUSAL_BENCHMARK_QUERIES",
 ]
 
 TRAINING, VALIDATION, QUERY = "training", "validation", "query"
@@ -142,6 +145,9 @@ CF_THRESHOLD_CALIBRATION = SeedUse(
 ANATOMICAL_PRIOR_FITTING = SeedUse(
     "anatomical_prior_fitting", TRAINING, (424_242,), 600, "cyclex.explain.anatomical_priors (FINDING_PRIORS)",
     "the anatomical prior rectangles of region-specific editing were read off these phantoms' true masks")
+CAUSAL_TRAINING = SeedUse(
+    "causal_training", TRAINING, (20_260,), 2000, "scripts/train_demo_causal.py",
+    "the causal HVAE arms, their parent predictors and the active-learning pools (phantoms with attributes)")
 DEMO_INSTRUCT_TRAINING = SeedUse(
     "demo_instruct_training", TRAINING, (7_610,), 1500, "scripts/build_demo_instruct.py",
     "the demo instruction editor (cyclex/demo/weights/instruct): exact pairs, each phantom with and without a finding")
@@ -169,6 +175,9 @@ CYCLE_BENCHMARK_DEVELOPMENT = SeedUse(
 RSE_VALIDATION = SeedUse(
     "rse_validation", VALIDATION, (7_601,), None, "benchmarks/rse.py",
     "the sweep that chooses region-specific editing's tau and pixel paste for rse.json")
+CAUSAL_VALIDATION = SeedUse(
+    "causal_validation", VALIDATION, (20_261,), 200, "scripts/train_demo_causal.py",
+    "which causal arm ships (validation effectiveness) and the arms' validation ELBO and predictor accuracy")
 
 # --- queries: what benchmarks report and the demo explains ------------------------------------------------
 DEMO_QUERIES = SeedUse(
@@ -193,6 +202,10 @@ RSE_BENCHMARK_QUERIES = SeedUse(
 AUDIT_BENCHMARK_QUERIES = SeedUse(
     "audit_benchmark_queries", QUERY, (7_700,), None, "benchmarks/audit.py",
     "shortcut detection and false flags of `cyclex audit` with the two demo generators (audit.json)")
+CAUSAL_BENCHMARK_QUERIES = SeedUse(
+    "causal_benchmark_queries", QUERY, (7_840,), None, "benchmarks/causal.py",
+    "the causal arms' axioms and distances to the true counterfactual (causal.json); its cycle part uses "
+    "cycle_benchmark_queries, the items plain DDIM is measured on")
 
 SEED_USES: tuple[SeedUse, ...] = (
     DEMO_GENERATORS_TRAINING, PHANTOM_CLASSIFIER_TRAINING, DEMO_VAE_TRAINING, TAILORED_SD_TRAINING,
@@ -201,6 +214,7 @@ SEED_USES: tuple[SeedUse, ...] = (
     CYCLE_BENCHMARK_DEVELOPMENT, RSE_VALIDATION,
     DEMO_QUERIES, CYCLE_BENCHMARK_QUERIES, SEARCH_BENCHMARK_QUERIES, GENERATORS_BENCHMARK_QUERIES,
     TAILORED_BENCHMARK_QUERIES, TAILORED_BENCHMARK_THROUGHPUT, RSE_BENCHMARK_QUERIES, AUDIT_BENCHMARK_QUERIES,
+    CAUSAL_TRAINING, CAUSAL_VALIDATION, CAUSAL_BENCHMARK_QUERIES,
 )
 
 
