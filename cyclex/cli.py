@@ -238,8 +238,37 @@ def phantoms(
     console.print(f"wrote {len(items)} phantoms ({normal} normal, {marked} with the shortcut marker) to {folder}")
 
 
+class Engine(str, Enum):
+    accelerate = "accelerate"
+    ray = "ray"
+
+
+def command_line_of(ctx: typer.Context, drop: tuple[str, ...] = ()) -> list[str]:
+    """The options the user gave this command (defaults left out), as arguments that repeat the call."""
+    args = [ctx.info_name or ctx.command.name]
+    for param in ctx.command.params:
+        # typer may bring its own copy of click: options are told by their kind, sources by their name
+        if param.name in drop or getattr(param, "param_type_name", "") != "option":
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            continue
+        value = ctx.params[param.name]
+        if param.is_flag:
+            if param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                args.append(param.opts[0])
+            continue
+        for item in (value if param.multiple else [value]):
+            if item is not None:
+                args.extend([param.opts[0], str(item.value if isinstance(item, Enum) else item)])
+    return args
+
+
 @app.command()
 def explain(
+    ctx: typer.Context,
     generator: str = typer.Option(..., "--generator", help=GENERATOR_HELP),
     tailored: str = typer.Option(..., "--tailored", help=TAILORED_HELP),
     images: str = typer.Option(..., "--images", help="folder of images, phantom folder (metadata.jsonl) or CSV"),
@@ -311,6 +340,17 @@ def explain(
                                           "weights, part of the resume key (default: a sha256 of the weight files "
                                           "of hf:FOLDER and r2gen: specs; python: callables need it to tell a "
                                           "fixed function from the old one)"),
+    num_processes: int = typer.Option(1, "--num-processes", min=1,
+                                      help="processes (one per GPU) that share the images: >1 runs `accelerate "
+                                      "launch` on this machine (--engine accelerate) or as many Ray workers "
+                                      "(--engine ray); the run folder, results and resume are the same"),
+    engine: Engine = typer.Option(Engine.accelerate, "--engine", case_sensitive=False,
+                                  help="accelerate (default; several nodes: `accelerate launch ... -m cyclex "
+                                  "explain`) or ray (Ray Data map_batches; pip install cyclex[ray])"),
+    ray_num_gpus: float = typer.Option(0.0, "--ray-num-gpus", min=0.0,
+                                       help="--engine ray: GPUs each Ray worker holds (0: CPU workers)"),
+    ray_address: str = typer.Option(None, "--ray-address", help="--engine ray: a running Ray cluster "
+                                    "(default: a local Ray instance started for the run)"),
 ) -> None:
     """Remove each finding, make the counterfactual, regenerate, verify; write frames into a run folder.
 
@@ -331,6 +371,22 @@ def explain(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
+    from cyclex.cycle.distributed import world_size_of_this_launch
+
+    if engine is Engine.accelerate and num_processes > 1 and world_size_of_this_launch() == 1:
+        import subprocess
+
+        from cyclex.cycle.distributed import accelerate_launch_command
+
+        # the same command on N processes; rank 0 prints the summary and writes the report
+        command = accelerate_launch_command(command_line_of(ctx, drop=("num_processes",)), num_processes)
+        raise typer.Exit(code=subprocess.call(command))
+    state = None
+    if world_size_of_this_launch() > 1:  # one process of `accelerate launch`: join the group before loading models
+        from cyclex.cycle.distributed import process_state
+
+        state = process_state()
+    main_process = state is None or state.is_main_process
     try:
         try:
             threshold = frame_threshold if frame_threshold == "stable" else float(frame_threshold)
@@ -343,7 +399,7 @@ def explain(
 
         tailored = str(resolve_tailored(tailored))
         mismatch = generator_mismatch(tailored, generator)
-        if mismatch:
+        if mismatch and main_process:
             console.print(f"[yellow]warning:[/yellow] {mismatch}")
         search_grid, scorer = None, None
         if search:
@@ -377,17 +433,34 @@ def explain(
         )
         from cyclex.specs.generator_fingerprint import generator_version as version_of
 
-        summary = run_explain(load_generator(generator), tailored, images, out, settings=settings, labeler_spec=labeler,
-                              generator_spec=generator, maker_kwargs=maker_kwargs, scorer=scorer, overwrite=overwrite,
-                              generator_timeout_s=generator_timeout,
-                              generator_version=version_of(generator, generator_version))
+        run_kwargs = dict(settings=settings, labeler_spec=labeler, generator_spec=generator, maker_kwargs=maker_kwargs,
+                          scorer=scorer, overwrite=overwrite, generator_timeout_s=generator_timeout,
+                          generator_version=version_of(generator, generator_version))
+        if engine is Engine.ray:
+            from functools import partial
+
+            from cyclex.cycle.ray_engine import run_explain_ray
+
+            summary = run_explain_ray(partial(load_generator, generator), tailored, images, out,
+                                      num_workers=num_processes, num_gpus=ray_num_gpus, address=ray_address,
+                                      **run_kwargs)
+        elif state is not None:
+            from cyclex.cycle.distributed import run_explain_distributed
+
+            summary = run_explain_distributed(load_generator(generator), tailored, images, out, state=state,
+                                              **run_kwargs)
+        else:
+            summary = run_explain(load_generator(generator), tailored, images, out, **run_kwargs)
     except KeyboardInterrupt:
         interrupted(console, Path(out))
     except (FileNotFoundError, ValueError, KeyError, TypeError, RunFolderError, UnknownFindingError,
             GeneratorError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        console.print(f"[red]error:[/red] {for_the_command_line(str(message), _EXPLAIN_FLAGS)}")
+        rank = "" if state is None else f" (process {state.process_index} of {state.num_processes})"
+        console.print(f"[red]error{rank}:[/red] {for_the_command_line(str(message), _EXPLAIN_FLAGS)}")
         raise typer.Exit(code=1) from None
+    if summary is None:  # another process of the launch: its shard is written, rank 0 merges and reports
+        return
     rate = summary["cyclic_rate"]
     console.print(f"Cyclic Rate {'-' if rate is None else f'{rate:.3f}'} "
                   f"({summary['n_verified']}/{summary['n']} findings, {summary['n_images']} images)")
