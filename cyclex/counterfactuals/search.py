@@ -20,7 +20,12 @@ cycle verified) for a fraction of the work:
 - the order follows the paper's success shares: omega 7 first (84 % of successes), delta 1.0, then
   0.8, then 0.9 (40 / 34 / 25 %), best-L2 before best-L1 (83 %), default null before underfit;
 - it stops at the first accepted result; the cheap metrics (CF_Score) are computed first and the
-  report generator (the cycle check) only sees candidates that pass CF_Score.
+  report generator (the cycle check) only sees candidates that pass CF_Score;
+- optionally (issue 23) the order follows success shares measured on validation seeds
+  (`success_shares`, same form as `PAPER_SUCCESS_SHARES`), and an `EarlyStopRule` gives up on a
+  finding whose first attempts score far from acceptance (fitted on validation seeds: see
+  `benchmarks/search.py --fit-validation`); `stop_at_first_accepted=False` tries the whole grid
+  (validation logs from which such rules and shares are fitted).
 
 Every attempt is logged (settings, score, failed criteria, raw values, verified, UNet calls,
 seconds). Beside this module: `cyclex.counterfactuals.algorithm1` (Algorithm 1 as written, the
@@ -64,15 +69,20 @@ PAPER_SUCCESS_SHARES: dict[str, dict[Any, float]] = {
 CycleCheck = Callable[[torch.Tensor, Sequence[str]], Sequence[bool]]
 
 
-def order_by_success_share(values: Sequence, dimension: str) -> list:
-    """Values sorted by the paper's success share (highest first); unknown values keep their order.
+def order_by_success_share(values: Sequence, dimension: str,
+                           success_shares: Mapping[str, Mapping[Any, float]] | None = None) -> list:
+    """Values sorted by success share (highest first; default the paper's); unknown values keep their order.
 
     Null settings that need no optimisation (negative-prompt, direct inversion) go first whatever
     their share: trying them costs a fraction of one null-text fit (cyclex's choice, not the paper's).
+    success_shares: {dimension: {value: share}}, e.g. measured on validation seeds; keys of strength
+    and guidance shares may be numbers or their text ("1.0").
     """
     from cyclex.counterfactuals.nti import FAST_NULL_SETTINGS
 
-    shares = PAPER_SUCCESS_SHARES.get(dimension, {})
+    table = PAPER_SUCCESS_SHARES if success_shares is None else success_shares
+    shares = {(float(k) if dimension in ("strength", "guidance") else k): float(v)
+              for k, v in table.get(dimension, {}).items()}
 
     def cheap_first(value) -> int:
         return 0 if dimension == "null_setting" and isinstance(value, str) and value in FAST_NULL_SETTINGS else 1
@@ -84,6 +94,44 @@ def order_by_success_share(values: Sequence, dimension: str) -> list:
         return shares.get(key, -1.0)
 
     return sorted(values, key=lambda v: (cheap_first(v), -share(v)))
+
+
+@dataclass(frozen=True)
+class EarlyStopRule:
+    """Give up on a finding whose first attempts score far from acceptance (issue 23).
+
+    Once `after_attempts` attempts of a finding are judged (a guidance batch counts all its items),
+    the search stops unless one of them reached CF_Score `below_score` or more. Fit it on
+    validation seeds (never on the seeds a benchmark reports); `fitted_on` says where it came from.
+    """
+
+    after_attempts: int
+    below_score: int
+    fitted_on: str = ""
+
+    def __post_init__(self) -> None:
+        if int(self.after_attempts) < 1:
+            raise ValueError(f"EarlyStopRule.after_attempts must be >= 1, got {self.after_attempts}")
+        if not 0 <= int(self.below_score) <= 5:
+            raise ValueError(f"EarlyStopRule.below_score must be in 0..5 (CF_Score), got {self.below_score}")
+
+    def gives_up(self, attempts: Sequence[Mapping[str, Any]]) -> bool:
+        """True when the first `after_attempts` attempts are all below `below_score` (none accepted)."""
+        first = attempts[: int(self.after_attempts)]
+        if len(first) < int(self.after_attempts) or any(a.get("accepted") for a in first):
+            return False
+        return max(int(a["score"]) for a in first) < int(self.below_score)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"after_attempts": int(self.after_attempts), "below_score": int(self.below_score),
+                "fitted_on": self.fitted_on}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EarlyStopRule:
+        missing = [k for k in ("after_attempts", "below_score") if k not in data]
+        if missing:
+            raise ValueError(f"early-stop rule lacks {missing}; expected after_attempts, below_score")
+        return cls(int(data["after_attempts"]), int(data["below_score"]), str(data.get("fitted_on", "")))
 
 
 @dataclass
@@ -104,6 +152,12 @@ class SearchResult:
     seconds: float
     finding: str = ""
     unet_passes: int = 0
+    gave_up: bool = False  # an EarlyStopRule ended the search
+
+    @property
+    def cycle_checks(self) -> int:
+        """Candidates the report generator saw (the others failed the cheap CF_Score first)."""
+        return sum(a.get("verified") is not None for a in self.attempts)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -116,6 +170,8 @@ class SearchResult:
             "unet_passes": self.unet_passes,
             "seconds": self.seconds,
             "n_attempts": len(self.attempts),
+            "cycle_checks": self.cycle_checks,
+            "gave_up": self.gave_up,
         }
 
 
@@ -165,6 +221,16 @@ def score_batch(scorer: Any, factual: torch.Tensor, counterfactuals: torch.Tenso
     return results
 
 
+def fit_guidance_of(maker: Any, null_setting: Any) -> float | None:
+    """The guidance a maker's inversion is fitted for (NTI's `inversion_guidance`), None when it fits none."""
+    from cyclex.counterfactuals.nti import FAST_NULL_SETTINGS
+
+    if isinstance(null_setting, str) and null_setting in FAST_NULL_SETTINGS:
+        return None
+    value = getattr(maker, "inversion_guidance", None)
+    return None if value is None else float(value)
+
+
 def as_single_image(image: torch.Tensor) -> torch.Tensor:
     """(1, H, W) or (1, 1, H, W) -> (1, 1, H, W) float; anything else fails naming the shape."""
     if image.ndim == 3:
@@ -190,6 +256,12 @@ class MetricGuidedSearch:
         null-text inversion) are refitted at each sampling guidance, Algorithm 1's method; the
         guidances then form the outer loop (one fit serves every strength before the next fit).
         False: one fit at the maker's inversion guidance serves every guidance (cheaper, approximate).
+    success_shares: {dimension: {value: share}} ordering the grid (e.g. measured on validation
+        seeds); None: the paper's (`PAPER_SUCCESS_SHARES`). Used when order_by_paper_shares is True.
+    early_stop: an `EarlyStopRule` (give up on findings whose first attempts score far from
+        acceptance), or None (search the whole grid until accepted).
+    stop_at_first_accepted: False tries every setting (a validation log of the whole grid); the
+        result is still the first accepted counterfactual.
     """
 
     def __init__(
@@ -206,7 +278,12 @@ class MetricGuidedSearch:
         log_path: str | Path | None = None,
         guidance_batch_size: int | None = None,
         fit_null_per_guidance: bool = False,
+        success_shares: Mapping[str, Mapping[Any, float]] | None = None,
+        early_stop: EarlyStopRule | None = None,
+        stop_at_first_accepted: bool = True,
     ) -> None:
+        if early_stop is not None and not isinstance(early_stop, EarlyStopRule):
+            raise TypeError(f"early_stop must be an EarlyStopRule or None, got {type(early_stop).__name__}")
         if guidance_batch_size is not None and int(guidance_batch_size) < 1:
             raise ValueError(f"guidance_batch_size must be >= 1 or None (all guidances in one batch), got {guidance_batch_size}")
         for name, values in (("null_settings", null_settings), ("checkpoints", checkpoints),
@@ -224,7 +301,12 @@ class MetricGuidedSearch:
         self.makers = makers
         self.scorer = scorer
         self.cycle_check = cycle_check
-        order = order_by_success_share if order_by_paper_shares else (lambda values, _dim: list(values))
+        def order(values: list, dimension: str) -> list:
+            return order_by_success_share(values, dimension, success_shares) if order_by_paper_shares else values
+
+        self.success_shares = success_shares
+        self.early_stop = early_stop
+        self.stop_at_first_accepted = bool(stop_at_first_accepted)
         self.null_settings = order(list(null_settings), "null_setting")
         self.checkpoints = order(list(checkpoints), "checkpoint")
         self.strengths = [float(s) for s in order(list(strengths), "strength")]
@@ -273,16 +355,12 @@ class MetricGuidedSearch:
             return [None]
         return list(self.null_settings)
 
-    # -- one finding ---------------------------------------------------------------------------
-    def search(self, image: torch.Tensor, source_prompt: str, target_prompt: str, finding: str) -> SearchResult:
-        """image (1, H, W) or (1, 1, H, W) in [0, 1] -> the accepted (or best) counterfactual."""
-        factual = as_single_image(image)
-        size = tuple(factual.shape[-2:])
-        start_time = time.perf_counter()
-        attempts: list[dict[str, Any]] = []
-        best: tuple | None = None
-        total_calls = 0
-        passes_start = {}
+    def plan(self) -> list[tuple[Any, str, Any, list[tuple[float, list[float]]]]]:
+        """The search order: [(null setting, checkpoint, maker to invert with, [(strength, guidances)])].
+
+        Each entry is one inversion; its batches are the edits that reuse it, in order.
+        """
+        runs = []
         for null_setting in self.null_settings:
             for checkpoint in self.checkpoints:
                 effective_null = null_setting
@@ -291,38 +369,75 @@ class MetricGuidedSearch:
                         continue  # a maker without null settings is tried once per checkpoint
                     effective_null = None
                 for maker, batches in self._runs_for(self.maker_for(checkpoint, effective_null)):
-                    passes_start.setdefault(id(getattr(maker, "ld", maker)), (maker, unet_passes_of(maker)))
-                    t0, c0 = time.perf_counter(), unet_calls_of(maker)
-                    inversion = maker.invert(factual, [source_prompt])
-                    pending_calls, pending_seconds = unet_calls_of(maker) - c0, time.perf_counter() - t0
-                    for strength, guidances in batches:
-                        t1, c1 = time.perf_counter(), unet_calls_of(maker)
-                        images = maker.edit(inversion, [target_prompt], guidances=guidances, strength=strength,
-                                            output_size=size)[0]
-                        calls = unet_calls_of(maker) - c1 + pending_calls
-                        seconds = time.perf_counter() - t1 + pending_seconds
-                        pending_calls, pending_seconds = 0, 0.0
-                        settings = [
-                            {"null_setting": effective_null, "checkpoint": checkpoint, "strength": strength,
-                             "guidance": g}
-                            for g in guidances
-                        ]
-                        group, accepted_index = self._judge(factual, images, finding, settings, calls, seconds)
-                        attempts.extend(group)
-                        total_calls += calls
-                        for k, attempt in enumerate(group):
-                            candidate = (attempt["score"], attempt["verified"] is True,
-                                         tie_break_key(attempt["_result"]))
-                            if best is None or candidate > best[0]:
-                                best = (candidate, images[k], attempt)
-                        if accepted_index is not None:
-                            passes = sum(unet_passes_of(m) - p for m, p in passes_start.values())
-                            return self._finish(images[accepted_index], group[accepted_index], attempts, finding,
-                                                total_calls, start_time, accepted=True, passes=passes)
+                    runs.append((effective_null, checkpoint, maker, batches))
+        return runs
+
+    def planned_settings(self) -> list[tuple[Any, str, float | None, list[tuple[float, list[float]]]]]:
+        """`plan()` without makers: [(null setting, checkpoint, fit guidance, [(strength, guidances)])].
+
+        fit guidance: the guidance a null-text fit is made for (None for the optimisation-free
+        inversions). `search_statistics.replay_search` replays a whole-grid log in this order.
+        """
+        return [(null, checkpoint, fit_guidance_of(maker, null), batches)
+                for null, checkpoint, maker, batches in self.plan()]
+
+    # -- one finding ---------------------------------------------------------------------------
+    def search(self, image: torch.Tensor, source_prompt: str, target_prompt: str, finding: str) -> SearchResult:
+        """image (1, H, W) or (1, 1, H, W) in [0, 1] -> the accepted (or best) counterfactual."""
+        factual = as_single_image(image)
+        size = tuple(factual.shape[-2:])
+        start_time = time.perf_counter()
+        attempts: list[dict[str, Any]] = []
+        best: tuple | None = None
+        first_accepted: tuple | None = None
+        total_calls = 0
+        passes_start = {}
+        rule_checked = self.early_stop is None
+        gave_up = False
+        for effective_null, checkpoint, maker, batches in self.plan():
+            passes_start.setdefault(id(getattr(maker, "ld", maker)), (maker, unet_passes_of(maker)))
+            fit_guidance = fit_guidance_of(maker, effective_null)
+            t0, c0 = time.perf_counter(), unet_calls_of(maker)
+            inversion = maker.invert(factual, [source_prompt])
+            pending_calls, pending_seconds = unet_calls_of(maker) - c0, time.perf_counter() - t0
+            for strength, guidances in batches:
+                t1, c1 = time.perf_counter(), unet_calls_of(maker)
+                images = maker.edit(inversion, [target_prompt], guidances=guidances, strength=strength,
+                                    output_size=size)[0]
+                edit_calls = unet_calls_of(maker) - c1
+                calls = edit_calls + pending_calls
+                seconds = time.perf_counter() - t1 + pending_seconds
+                settings = [
+                    {"null_setting": effective_null, "checkpoint": checkpoint, "strength": strength,
+                     "guidance": g, "fit_guidance": fit_guidance, "edit_unet_calls": edit_calls / len(guidances),
+                     "inversion_unet_calls": pending_calls if k == 0 else 0}
+                    for k, g in enumerate(guidances)
+                ]
+                pending_calls, pending_seconds = 0, 0.0
+                group, accepted_index = self._judge(factual, images, finding, settings, calls, seconds,
+                                                    first_accepted is None)
+                attempts.extend(group)
+                total_calls += calls
+                for k, attempt in enumerate(group):
+                    candidate = (attempt["score"], attempt["verified"] is True, tie_break_key(attempt["_result"]))
+                    if best is None or candidate > best[0]:
+                        best = (candidate, images[k], attempt)
+                if accepted_index is not None and first_accepted is None:
+                    first_accepted = (images[accepted_index], group[accepted_index])
+                    if self.stop_at_first_accepted:
+                        break
+                if not rule_checked and len(attempts) >= self.early_stop.after_attempts:
+                    rule_checked = True
+                    if first_accepted is None and self.early_stop.gives_up(attempts):
+                        gave_up = True
+                        break
+            if gave_up or (first_accepted is not None and self.stop_at_first_accepted):
+                break
         assert best is not None  # every loop ran at least once (checked in __init__)
         passes = sum(unet_passes_of(m) - p for m, p in passes_start.values())
-        return self._finish(best[1], best[2], attempts, finding, total_calls, start_time, accepted=False,
-                            passes=passes)
+        image, attempt = (first_accepted if first_accepted is not None else (best[1], best[2]))
+        return self._finish(image, attempt, attempts, finding, total_calls, start_time,
+                            accepted=first_accepted is not None, passes=passes, gave_up=gave_up)
 
     def _strength_guidance_batches(self) -> list[tuple[float, list[float]]]:
         """(strength, guidances) in search order: each strength's guidances in batches of guidance_batch_size."""
@@ -330,8 +445,12 @@ class MetricGuidedSearch:
         return [(strength, self.guidances[i:i + size])
                 for strength in self.strengths for i in range(0, len(self.guidances), size)]
 
-    def _judge(self, factual, images, finding, settings, calls, seconds):
-        """Score a guidance batch (cheap), cycle-check the passing ones (one generator call)."""
+    def _judge(self, factual, images, finding, settings, calls, seconds, may_accept=True):
+        """Score a guidance batch (cheap), cycle-check the passing ones (one generator call).
+
+        may_accept: False once an earlier batch was accepted (a whole-grid validation run): the
+        attempts still record whether they meet acceptance (`meets_acceptance`), none is `accepted`.
+        """
         t0 = time.perf_counter()
         results = score_batch(self.scorer, factual.expand(images.shape[0], -1, -1, -1), images, finding)
         passing = [k for k, r in enumerate(results) if cf_score_of(r) >= self.required_score]
@@ -345,7 +464,8 @@ class MetricGuidedSearch:
         group, accepted_index = [], None
         n = len(results)
         for k, result in enumerate(results):
-            ok = verified.get(k) is True and accepted_index is None
+            meets = verified.get(k) is True
+            ok = meets and may_accept and accepted_index is None
             if ok:
                 accepted_index = k
             group.append({
@@ -355,13 +475,15 @@ class MetricGuidedSearch:
                 "values": raw_values_of(result),
                 "verified": verified.get(k),
                 "accepted": ok,
+                "meets_acceptance": meets,
                 "unet_calls": calls / n,
                 "seconds": (seconds + judge_seconds) / n,
                 "_result": result,
             })
         return group, accepted_index
 
-    def _finish(self, image, attempt, attempts, finding, total_calls, start_time, accepted, passes=0) -> SearchResult:
+    def _finish(self, image, attempt, attempts, finding, total_calls, start_time, accepted, passes=0,
+                gave_up=False) -> SearchResult:
         setting = {k: attempt[k] for k in ("null_setting", "checkpoint", "strength", "guidance")}
         result = SearchResult(
             image=image.detach().cpu(),
@@ -374,6 +496,7 @@ class MetricGuidedSearch:
             seconds=time.perf_counter() - start_time,
             finding=finding,
             unet_passes=int(passes),
+            gave_up=bool(gave_up),
         )
         self._log(result)
         return result

@@ -5,6 +5,10 @@
   CF_Score criteria stopped the attempts. `SearchingMaker` writes them to RUN/search_ablation.json.
 - `SearchSummary.from_results(results)`: acceptance rate and UNet calls / passes / seconds per
   accepted counterfactual of one search arm (the rows of `benchmarks/search.py`).
+- `measured_success_shares(logs)` / `replay_search(plan, logs)` / `fit_early_stop_rule(plan, logs)`:
+  from whole-grid logs of validation findings (`MetricGuidedSearch(stop_at_first_accepted=False)`),
+  the success share of each setting value, what a search order would have accepted and cost, and
+  the early-stop rule that saves most without losing an accepted finding (issue 23).
 - `bootstrap_mean_ci(values)` / `paired_difference_ci(a, b)`: percentile-bootstrap 95 % intervals
   over findings (fixed seed) for a rate or mean, and for the difference of two arms measured on the
   same findings (the findings are resampled jointly, so the pairing is kept).
@@ -19,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from cyclex.counterfactuals.search import SearchResult, cf_score_of
+from cyclex.counterfactuals.search import EarlyStopRule, SearchResult, cf_score_of
 
 __all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "SearchSummary", "ablation_tables", "bootstrap_mean_ci",
-           "paired_difference_ci", "paired_ratio_ci"]
+           "fit_early_stop_rule", "measured_success_shares", "paired_difference_ci", "paired_ratio_ci",
+           "replay_search"]
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0  # fixed: the same intervals on every run of the same data
@@ -157,3 +162,137 @@ def paired_ratio_ci(a: Sequence[float], b: Sequence[float], resamples: int = BOO
     ratios = x[idx].sum(axis=1) / np.where(den > 0, den, np.nan)
     return {"ratio": float(x.sum() / y.sum()), "ci95": _percentiles(ratios[~np.isnan(ratios)], level),
             "n_findings": int(len(x))}
+
+
+# -- whole-grid validation logs: shares, replays, early-stop rules (issue 23) ----------------------
+PlannedRun = tuple[Any, str, "float | None", Sequence[tuple[float, Sequence[float]]]]
+
+
+def _attempt_key(null_setting: Any, checkpoint: str, strength: float, guidance: float, fit_guidance) -> tuple:
+    return (str(null_setting), str(checkpoint), float(strength), float(guidance),
+            None if fit_guidance is None else float(fit_guidance))
+
+
+def measured_success_shares(attempt_logs: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Success share of each setting value over whole-grid logs: of the findings some setting rescues,
+    the share that a setting with this value rescues (`meets_acceptance`), per dimension.
+
+    The form of `search.PAPER_SUCCESS_SHARES` (values as text), so it orders a `MetricGuidedSearch`.
+    """
+    dimensions = {"null_setting": "null_setting", "checkpoint": "checkpoint", "strength": "strength",
+                  "guidance": "guidance"}
+    rescued = [log for log in attempt_logs if any(a.get("meets_acceptance") for a in log)]
+    shares: dict[str, dict[str, float]] = {}
+    for dimension, key in dimensions.items():
+        values = sorted({str(a[key]) for log in attempt_logs for a in log})
+        shares[dimension] = {
+            v: (sum(any(a.get("meets_acceptance") and str(a[key]) == v for a in log) for log in rescued) / len(rescued)
+                if rescued else 0.0)
+            for v in values
+        }
+    return shares
+
+
+def replay_search(
+    plan: Sequence[PlannedRun],
+    attempt_logs: Sequence[Sequence[Mapping[str, Any]]],
+    image_ids: Sequence[Any],
+    early_stop: EarlyStopRule | None = None,
+    reinvert_every_setting: bool = False,
+) -> list[dict[str, Any]]:
+    """What a search in `plan` order would have accepted and cost, replayed from whole-grid logs.
+
+    plan: `MetricGuidedSearch.planned_settings()` (one entry per inversion, its edit batches in order).
+    attempt_logs[i]: finding i's attempts over the whole grid (`stop_at_first_accepted=False`), each with
+        null_setting, checkpoint, strength, guidance, fit_guidance, score, meets_acceptance,
+        edit_unet_calls and inversion_unet_calls. image_ids[i]: finding i's image; the findings of one
+        image share its inversions (as the search's inversion cache does), in the given order.
+    reinvert_every_setting: Algorithm 1's cost: every attempt pays its own pivot and fit.
+    Costs are UNet evaluations per batch item as logged; the guidance-1 pivot is the negative-prompt
+    inversion's cost (the whole-grid run inverts that first), paid once per image and checkpoint.
+    Returns per finding {accepted, unet_calls, n_attempts, gave_up}.
+    """
+    if len(attempt_logs) != len(image_ids):
+        raise ValueError(f"replay_search needs one image id per log, got {len(image_ids)} for {len(attempt_logs)}")
+    inversion_cost: dict[tuple, float] = defaultdict(float)
+    for log, image in zip(attempt_logs, image_ids, strict=True):
+        for a in log:
+            key = (image, str(a["null_setting"]), str(a["checkpoint"]),
+                   None if a.get("fit_guidance") is None else float(a["fit_guidance"]))
+            inversion_cost[key] = max(inversion_cost[key], float(a.get("inversion_unet_calls", 0.0)))
+    paid: set[tuple] = set()
+    out = []
+    for index, (log, image) in enumerate(zip(attempt_logs, image_ids, strict=True)):
+        by_setting = {_attempt_key(a["null_setting"], a["checkpoint"], a["strength"], a["guidance"],
+                                   a.get("fit_guidance")): a for a in log}
+        calls, tried, accepted, gave_up, checked = 0.0, [], False, False, early_stop is None
+        for null, checkpoint, fit_guidance, batches in plan:
+            fit = None if fit_guidance is None else float(fit_guidance)
+            pivot = inversion_cost[(image, "negative-prompt", str(checkpoint), None)]
+            own = 0.0 if str(null) == "negative-prompt" else inversion_cost[(image, str(null), str(checkpoint), fit)]
+            for strength, guidances in batches:
+                batch = []
+                for g in guidances:
+                    key = _attempt_key(null, checkpoint, strength, g, fit)
+                    if key not in by_setting:
+                        raise KeyError(f"finding {index}: the whole-grid log has no attempt {key}; "
+                                       "replay only plans inside the logged grid")
+                    batch.append(by_setting[key])
+                if reinvert_every_setting:
+                    calls += len(batch) * (pivot + own)
+                else:
+                    for cost_key, cost in (((image, str(checkpoint), "pivot"), pivot),
+                                           ((image, str(null), str(checkpoint), fit), own)):
+                        if cost_key not in paid:
+                            paid.add(cost_key)
+                            calls += cost
+                calls += sum(float(a["edit_unet_calls"]) for a in batch)
+                tried.extend(batch)
+                if any(a.get("meets_acceptance") for a in batch):
+                    accepted = True
+                    break
+                if not checked and len(tried) >= early_stop.after_attempts:
+                    checked = True
+                    gave_up = early_stop.gives_up(tried)
+                    if gave_up:
+                        break
+            if accepted or gave_up:
+                break
+        out.append({"accepted": accepted, "unet_calls": calls, "n_attempts": len(tried), "gave_up": gave_up})
+    return out
+
+
+def fit_early_stop_rule(
+    plan: Sequence[PlannedRun],
+    attempt_logs: Sequence[Sequence[Mapping[str, Any]]],
+    image_ids: Sequence[Any],
+    after_attempts: Sequence[int] = (1, 2, 3, 4, 6, 8),
+    below_scores: Sequence[int] = (1, 2, 3, 4, 5),
+    fitted_on: str = "",
+) -> dict[str, Any]:
+    """The early-stop rule (after_attempts x below_score) with the fewest replayed UNet evaluations
+    that loses no finding the same order accepts without a rule; candidates tried and their figures.
+
+    Fit it on validation findings only. Returns {"rule": EarlyStopRule or None (no rule saves
+    anything), "without_rule": {...}, "candidates": [{after_attempts, below_score, accepted,
+    unet_calls, gave_up}, ...]}.
+    """
+    def totals(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        return {"accepted": int(sum(r["accepted"] for r in rows)), "unet_calls": float(sum(r["unet_calls"] for r in rows)),
+                "gave_up": int(sum(r["gave_up"] for r in rows))}
+
+    free = replay_search(plan, attempt_logs, image_ids)
+    free_accepted = [r["accepted"] for r in free]
+    base = totals(free)
+    candidates, best = [], None
+    for m in after_attempts:
+        for score in below_scores:
+            rule = EarlyStopRule(int(m), int(score), fitted_on)
+            rows = replay_search(plan, attempt_logs, image_ids, rule)
+            loses = sum(a and not r["accepted"] for a, r in zip(free_accepted, rows, strict=True))
+            row = {"after_attempts": int(m), "below_score": int(score), **totals(rows), "findings_lost": int(loses)}
+            candidates.append(row)
+            if loses == 0 and row["unet_calls"] < base["unet_calls"] and (
+                    best is None or row["unet_calls"] < best[1]["unet_calls"]):
+                best = (rule, row)
+    return {"rule": None if best is None else best[0], "without_rule": base, "candidates": candidates}
