@@ -12,18 +12,57 @@ import pytest
 import torch
 
 from benchmarks import search as bench
-from cyclex.datasets.seed_registry import SEARCH_BENCHMARK_QUERIES, TRAINING, check_held_out, ranges_of
+from cyclex.datasets.seed_registry import (
+    SEARCH_BENCHMARK_QUERIES,
+    SEARCH_VALIDATION,
+    TRAINING,
+    check_held_out,
+    ranges_of,
+)
 
 TINY_RUN = ["--tiny", "--findings", "2", "--steps", "1", "--strengths", "1.0", "--guidances", "7", "8"]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One tiny benchmark run: (argv, results file, work folder, results)."""
+    """A tiny validation fit, then one tiny benchmark run with it: (argv, results file, work folder, results)."""
     folder = tmp_path_factory.mktemp("search_bench")
-    argv = [*TINY_RUN, "--out", str(folder / "search.json"), "--work", str(folder / "work")]
+    fit = folder / "search_validation.json"
+    assert bench.main([*TINY_RUN, "--fit-validation", "--out", str(fit), "--work", str(folder / "fit_work")]) == 0
+    argv = [*TINY_RUN, "--out", str(folder / "search.json"), "--work", str(folder / "work"),
+            "--validation-fit", str(fit), "--arms", *bench.DEFAULT_ARMS, "cyclex_search"]
     assert bench.main(argv) == 0
     return argv, folder / "search.json", folder / "work", json.loads((folder / "search.json").read_text())
+
+
+def test_validation_fit_uses_validation_seeds_and_names_the_chosen_arm(tiny_run):
+    argv, out, _, results = tiny_run
+    fit = json.loads((out.parent / "search_validation.json").read_text())
+    (block,) = SEARCH_VALIDATION.ranges
+    for start, stop in fit["query_seeds"]:
+        assert block[0] <= start < stop <= block[1]
+    assert fit["chosen_arm"] in bench.CANDIDATE_ARMS and fit["chosen_arm"] == results["chosen_arm"]
+    assert set(fit["rules"]) == {name for name in bench.CANDIDATE_ARMS}
+    assert results["validation_fit"]["sha256"] and results["validation_fit"]["rules"] == fit["rules"]
+    for name, row in fit["replayed"].items():  # the replay covers Algorithm 1 and every same-grid arm
+        assert 0 <= row["acceptance_rate"] <= 1 and row["unet_calls_per_finding"] > 0, name
+    # the held-out queries and the validation phantoms never meet
+    assert not {tuple(r) for r in fit["query_seeds"]} & {tuple(r) for r in results["query_seeds"]}
+    with pytest.raises(SystemExit, match="steps"):  # a fit for other settings is refused
+        bench.main([*[a if a != "1" else "2" for a in argv[:6]], *argv[6:]])
+
+
+def test_goal_lever_effects_and_generator_calls_are_reported(tiny_run):
+    _, _, _, results = tiny_run
+    goal = results["goal_tenth_of_algorithm1"]
+    assert goal["chosen_arm"] == results["chosen_arm"] and goal["target_unet_calls_ratio"] == 0.1
+    assert goal["chosen_ratio"] == results["unet_calls_ratio_cyclex_vs_algorithm1"]
+    assert goal["met"] == (goal["missed_by_factor"] is None)
+    assert set(results["lever_effects"]) == set(bench.LEVERS) - {"measured_order_same_method"}
+    for lever in results["lever_effects"].values():
+        assert lever["unet_calls_ratio"]["n_findings"] == 2
+    for arm in results["arms"].values():
+        assert arm["cycle_checks_per_finding"] <= arm["attempts_per_finding"]
 
 
 def test_results_have_held_out_queries_provenance_and_same_grid(tiny_run):
@@ -38,13 +77,13 @@ def test_results_have_held_out_queries_provenance_and_same_grid(tiny_run):
     assert {"scorers", "weights_fingerprint", "git_commit", "cyclex_version", "versions"} <= set(provenance)
     assert {"torch", "diffusers"} <= set(provenance["versions"])
     assert {"cpg_classifier", "clip_criterion", "lpips"} <= set(provenance["scorers"])
-    assert "gpu" not in results  # GPU figures live in search_gpu.json only
+    assert "gpu" not in results  # GPU figures live in gpu.json only
     assert results["grid"]["strengths"] == [1.0] and results["steps"] == 1
 
 
 def test_every_arm_has_a_rate_with_its_interval_and_costs(tiny_run):
     _, _, _, results = tiny_run
-    assert set(results["arms"]) == {*bench.DEFAULT_ARMS, bench.DERIVED_ARM}
+    assert set(results["arms"]) == {*bench.DEFAULT_ARMS, "cyclex_search", bench.DERIVED_ARM}
     for name, arm in results["arms"].items():
         low, high = arm["acceptance_ci95"]
         assert low <= arm["acceptance_rate"] <= high, name
@@ -64,8 +103,7 @@ def test_same_grid_search_accepts_exactly_what_algorithm1_accepts_for_less_work(
     paired = results["paired_vs_algorithm1"]["cyclex_search"]
     assert paired["acceptance_difference"]["difference"] == 0.0
     assert paired["acceptance_difference"]["ci95"] == [0.0, 0.0]
-    assert results["paired_acceptance_difference_ci95"] == [0.0, 0.0]
-    assert results["unet_calls_ratio_cyclex_vs_algorithm1"] < 1.0
+    assert paired["unet_calls_ratio"]["ratio"] < 1.0
     records = [json.loads(line) for line in (work / "findings.jsonl").read_text().splitlines()]
 
     def scores(arm):
@@ -94,7 +132,7 @@ def test_resume_continues_only_the_same_run(tiny_run):
     resumed = json.loads(out.read_text())
     assert resumed["run"]["resumed"] is True and resumed["n_findings"] == 2
     with pytest.raises(SystemExit, match="settings differs"):
-        bench.main([*[a if a != "8" else "9" for a in argv], "--resume"])
+        bench.main([*[a if a != "2" else "3" for a in argv], "--resume"])  # --findings 3
 
 
 def test_resume_is_refused_when_weights_or_version_differ_and_fresh_runs_start_over(tmp_path):
@@ -162,17 +200,27 @@ def test_benchmark_cycle_check_and_stand_in_lpips():
     assert check(images, ["Cardiomegaly", "Cardiomegaly"]) == [False, True]
 
 
+def bench_gpu_results_name() -> str:
+    from benchmarks.search_gpu import RESULTS
+
+    return RESULTS.name
+
+
 def test_gpu_benchmark_writes_its_own_file_with_provenance(tmp_path):
     """benchmarks/search_gpu.py --tiny (CPU logic check): its own file, device / date / commit / versions."""
     from benchmarks.search_gpu import main
 
     with pytest.raises(SystemExit):  # a tiny run never writes the GPU results file
         main(["--tiny", "--steps", "1", "--device", "cpu"])
-    out = tmp_path / "search_gpu.json"
+    out = tmp_path / "gpu.json"
     assert main(["--tiny", "--steps", "1", "--repeats", "1", "--dtype", "float32", "--device", "cpu",
                  "--out", str(out)]) == 0
     figures = json.loads(out.read_text())
-    assert figures["benchmark"] == "search_gpu" and "tiny" in figures["model"] and figures["steps"] == 1
+    assert figures["benchmark"] == "gpu" and "tiny" in figures["model"] and figures["steps"] == 1
+    assert bench_gpu_results_name() == "gpu.json"
+    assert set(figures["goals"]) == set(figures["targets_seconds"])
+    for key, goal in figures["goals"].items():
+        assert goal["measured"] == figures[key] and goal["met"] == (figures[key] < goal["target"])
     assert {"date", "git_commit", "device", "device_name", "versions"} <= set(figures)
     assert {"torch", "diffusers"} <= set(figures["versions"])
     for key in ("ddim_seconds", "nti_seconds", "negative_prompt_seconds", "direct_seconds",

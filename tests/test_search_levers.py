@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 
 from cyclex.counterfactuals.search import EarlyStopRule, order_by_success_share
-from cyclex.counterfactuals.search_statistics import fit_early_stop_rule, measured_success_shares, replay_search
+from cyclex.counterfactuals.search_statistics import (
+    fit_early_stop_rule,
+    measured_success_shares,
+    replay_search,
+)
 from tests.test_search import FINDING, IMAGE, build
 
 
