@@ -52,8 +52,9 @@ from cyclex.datasets.seed_registry import (
 RESULTS = Path(__file__).parent / "results" / "rse.json"
 WORK = Path(__file__).parent / ".work" / "rse"
 MAKERS = ("ddim", "rse", "instruct", "instruct_rse")
-INSTRUCT_GUIDANCE = 7.5  # s_T (InstructPix2Pix)
-INSTRUCT_IMAGE_GUIDANCE = 1.5  # s_I
+INSTRUCT_IMAGE_GUIDANCE = 1.5  # s_I (InstructPix2Pix)
+# the editor's grid on validation phantoms: (s_T, denoising strength); s_T 7.5 and strength 1 are the paper's
+INSTRUCT_GRID = ((7.5, 1.0), (1.5, 1.0), (7.5, 0.6), (1.5, 0.6))
 
 
 def bootstrap_ci(values, n_resamples: int = 2000, seed: int = 0) -> list[float] | None:
@@ -168,6 +169,15 @@ def population_measures(sets: dict[str, dict], classifier) -> dict:
     return out
 
 
+def choose_instruct_setting(grid: list[dict]) -> dict:
+    """The editor's (s_T, strength): among the settings within 0.02 of the best Cyclic Rate, the one closest
+    to the true counterfactuals (L1; the validation phantoms' truth)."""
+    best = max((g["cyclic_rate"] or 0) for g in grid)
+    eligible = [g for g in grid if (g["cyclic_rate"] or 0) >= best - 0.02 and g.get("true_cf_l1") is not None]
+    chosen = min(eligible or grid, key=lambda g: g.get("true_cf_l1") or 1.0)
+    return {"guidance": chosen["guidance"], "strength": chosen["strength"]}
+
+
 def choose_setting(sweep: list[dict], ddim_rate: float) -> dict:
     """Lowest outside energy among the settings whose Cyclic Rate is within 0.02 of the reference's
     (plain DDIM's for RSE, the editor's own for instruct + RSE; smaller tau first)."""
@@ -196,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100, help="held-out query phantoms")
     parser.add_argument("--n-validation", type=int, default=50, help="validation phantoms of the tau / paste sweep")
+    parser.add_argument("--n-validation-instruct", type=int, default=25,
+                        help="the first N of them choose the editor's s_T / strength and instruct + RSE's tau")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps T of every maker")
     parser.add_argument("--generator", default="clean", choices=("clean", "shortcut"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one beats two on a shared 2-core CPU)")
@@ -217,9 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
     instruct = {"instruct_model": str(DEMO_INSTRUCT_DIR), "image_guidance_scale": INSTRUCT_IMAGE_GUIDANCE}
 
     def run(records, phantoms, config, folder: Path, variant: str, maker_kwargs=None,
-            images: dict | None = None) -> tuple[dict, list[dict]]:
+            images: dict | None = None, **changes) -> tuple[dict, list[dict]]:
         start = time.perf_counter()
-        overrides = {**common, "guidance": INSTRUCT_GUIDANCE} if variant.startswith("instruct") else common
+        overrides = {**common, **changes}
         run_explain(generator, assets["tailored"], records, folder, variant=variant, maker_kwargs=maker_kwargs,
                     generator_spec=f"demo:{args.generator}", labeler_spec="rules", progress=False, **overrides)
         items = item_measures(folder, phantoms, config, images)
@@ -236,12 +248,23 @@ def main(argv: list[str] | None = None) -> dict:
             sweep.append({**setting, **{k: summary.get(k) for k in ("cyclic_rate", "outside_energy", "edit_area",
                                                                      "guidance_map_pixel_auc", "true_cf_l1")}})
     chosen = choose_setting(sweep, ddim_validation["cyclic_rate"] or 0)
-    instruct_validation, _ = run(records, phantoms, config, WORK / "validation_instruct", "instruct", instruct)
+    # the editor's (s_T, strength) and instruct + RSE's tau, on the first n_validation_instruct of them
+    records = records[: args.n_validation_instruct]
+    instruct_grid = []
+    for guidance, strength in INSTRUCT_GRID:
+        summary, _ = run(records, phantoms, config, WORK / f"validation_instruct_{guidance}_{strength}", "instruct",
+                         instruct, guidance=guidance, strength=strength)
+        instruct_grid.append({"guidance": guidance, "strength": strength,
+                              **{k: summary.get(k) for k in ("cyclic_rate", "outside_energy", "true_cf_l1")}})
+    instruct_chosen_grid = choose_instruct_setting(instruct_grid)
+    instruct_run = {"guidance": instruct_chosen_grid["guidance"], "strength": instruct_chosen_grid["strength"]}
+    instruct_validation = next(g for g in instruct_grid if g["guidance"] == instruct_run["guidance"]
+                               and g["strength"] == instruct_run["strength"])
     instruct_sweep = []
     for tau in INSTRUCT_TAUS:
         setting = {"tau": tau, "paste_query_outside_mask": True}
         summary, _ = run(records, phantoms, config, WORK / f"validation_instruct_rse_{tau}", "instruct-rse",
-                         {**instruct, **setting})
+                         {**instruct, **setting}, **instruct_run)
         instruct_sweep.append({**setting, **{k: summary.get(k) for k in ("cyclic_rate", "outside_energy", "edit_area",
                                                                           "guidance_map_pixel_auc", "true_cf_l1")}})
     instruct_chosen = choose_setting(instruct_sweep, instruct_validation["cyclic_rate"] or 0)
@@ -253,15 +276,21 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {**common, "rse": {"relevance_strength": 0.5, "relevance_draws": 4, "prior": "anatomy", **chosen},
                      "rse_paper_default": {"relevance_strength": 0.5, "relevance_draws": 4, "prior": "anatomy",
                                            **PAPER_DEFAULT},
-                     "instruct": {"guidance_scale_s_T": INSTRUCT_GUIDANCE, "image_guidance_scale_s_I":
-                                  INSTRUCT_IMAGE_GUIDANCE, "instruct_model": "demo (cyclex/demo/weights/instruct)",
+                     "instruct": {"guidance_scale_s_T": instruct_run["guidance"], "strength": instruct_run["strength"],
+                                  "image_guidance_scale_s_I": INSTRUCT_IMAGE_GUIDANCE,
+                                  "instruct_model": "demo (cyclex/demo/weights/instruct)",
                                   "instruction": "Remove the {finding}"},
                      "instruct_rse": {"relevance_strength": 0.5, "relevance_draws": 4, "prior": "anatomy",
-                                      **instruct_chosen}},
+                                      "guidance_scale_s_T": instruct_run["guidance"], "strength": instruct_run["strength"],
+                                      "image_guidance_scale_s_I": INSTRUCT_IMAGE_GUIDANCE, **instruct_chosen}},
         "validation": {"n_phantoms": args.n_validation, "seeds": validation_ranges,
                        "rule": "lowest outside_energy among (tau, paste) with Cyclic Rate >= DDIM's - 0.02",
                        "ddim": {k: ddim_validation.get(k) for k in ("cyclic_rate", "outside_energy")},
                        "sweep": sweep, "chosen": chosen,
+                       "instruct_n_phantoms": args.n_validation_instruct,
+                       "instruct_rule": "s_T / strength: lowest true_cf_l1 among settings within 0.02 of the best "
+                                        "Cyclic Rate; instruct + RSE tau: the RSE rule against the chosen editor",
+                       "instruct_grid": instruct_grid, "instruct_chosen": instruct_run,
                        "instruct": {k: instruct_validation.get(k) for k in ("cyclic_rate", "outside_energy")},
                        "instruct_rse_sweep": instruct_sweep, "instruct_rse_chosen": instruct_chosen},
         "query_seeds": query_ranges,
@@ -279,8 +308,9 @@ def main(argv: list[str] | None = None) -> dict:
             "instruct": ("instruct", instruct), "instruct_rse": ("instruct-rse", {**instruct, **instruct_chosen})}
     for name, (variant, maker_kwargs) in arms.items():
         image_sets[name] = {}
+        changes = instruct_run if variant.startswith("instruct") else {}
         results["makers"][name], per_maker[name] = run(records, phantoms, config, WORK / name, variant, maker_kwargs,
-                                                       image_sets[name])
+                                                       image_sets[name], **changes)
     results["population"] = population_measures(image_sets, load_phantom_classifier(train_if_missing=False))
     for other in ("rse", "instruct", "instruct_rse"):
         results[f"paired_{other}_minus_ddim"] = {key: paired_difference(per_maker["ddim"], per_maker[other], key)

@@ -278,3 +278,16 @@ def test_cli_explain_with_the_instruct_variants(pipe, tmp_path):
         assert ("guidance_map_npy" in line["files"]) == (variant == "instruct-rse")
     missing = CliRunner().invoke(app, [*base[:-2], "--variant", "instruct", "--out", str(tmp_path / "none")])
     assert missing.exit_code == 1 and "--instruct-model" in missing.output
+
+
+def test_the_shipped_demo_editor_loads_and_is_small():
+    from cyclex.demo.instruct_model import DEMO_INSTRUCT_DIR, resolve_instruct_model
+
+    assert resolve_instruct_model("demo") == str(DEMO_INSTRUCT_DIR)
+    assert resolve_instruct_model("some/hub-id") == "some/hub-id"
+    sizes = {p.name: p.stat().st_size for p in DEMO_INSTRUCT_DIR.rglob("*") if p.is_file()}
+    assert sizes and max(sizes.values()) < 3 * 2**20
+    editor = load_instruct_pipeline(DEMO_INSTRUCT_DIR)
+    assert editor.unet.config.in_channels == 8 and editor.unet.dtype == torch.float32
+    record = json.loads((DEMO_INSTRUCT_DIR / "cyclex_instruct.json").read_text())
+    assert record["global_step"] == 2000 and "demo_instruct_training" in record["data"]

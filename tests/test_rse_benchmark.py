@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmarks.rse import choose_setting, paired_difference, population_measures
+from benchmarks.rse import choose_instruct_setting, choose_setting, paired_difference, population_measures
 
 
 def test_lowest_outside_energy_among_settings_that_keep_the_cyclic_rate():
@@ -14,6 +14,13 @@ def test_lowest_outside_energy_among_settings_that_keep_the_cyclic_rate():
              {"tau": 0.5, "paste_query_outside_mask": True, "cyclic_rate": 0.90, "outside_energy": 0.3}]
     assert choose_setting(sweep, 0.95) == {"tau": 0.3, "paste_query_outside_mask": True}
     assert choose_setting(sweep, 0.99) == {"tau": 0.1, "paste_query_outside_mask": False}  # none eligible: the paper's
+
+
+def test_the_editors_setting_is_the_closest_to_the_truth_among_the_best_cyclic_rates():
+    grid = [{"guidance": 7.5, "strength": 1.0, "cyclic_rate": 0.50, "true_cf_l1": 0.02},
+            {"guidance": 1.5, "strength": 0.6, "cyclic_rate": 0.80, "true_cf_l1": 0.04},
+            {"guidance": 7.5, "strength": 0.6, "cyclic_rate": 0.79, "true_cf_l1": 0.03}]
+    assert choose_instruct_setting(grid) == {"guidance": 7.5, "strength": 0.6}
 
 
 class _MeanClassifier:
