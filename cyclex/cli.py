@@ -213,6 +213,9 @@ def phantoms(
     shortcut: str = typer.Option(None, "--shortcut", help="spurious marker FINDING:RATE[:x,y,w,h] (box in image fractions)"),
     shortcut_without: float = typer.Option(0.0, "--shortcut-without", help="marker rate on phantoms WITHOUT the finding"),
     report_style: str = typer.Option("varied", "--report-style", help="'varied' or 'canonical'"),
+    attributes: bool = typer.Option(False, "--attributes/--no-attributes", help="patient age and sex as causal "
+                                    "parents of anatomy and findings, recorded in metadata.jsonl (default off: "
+                                    "phantoms identical to those the demo models were trained on)"),
     out: str = typer.Option(..., "--out", help="output folder (images/, masks/, metadata.jsonl)"),
 ) -> None:
     """Write synthetic chest X-rays with masks, chest boxes, reports and labels (the phantom world)."""
@@ -227,7 +230,7 @@ def phantoms(
         shortcut_config = None
         if shortcut:
             shortcut_config = replace(ShortcutConfig.parse(shortcut), rate_without_finding=shortcut_without)
-        config = PhantomConfig(size=size, shortcut=shortcut_config, report_style=report_style)
+        config = PhantomConfig(size=size, shortcut=shortcut_config, report_style=report_style, attributes=attributes)
         items = make_phantoms(n, seed, config)
         folder = write_phantom_folder(items, out)
     except ValueError as error:
@@ -326,6 +329,8 @@ def explain(
     search_guidance_batch: int = typer.Option(0, "--search-guidance-batch", min=0,
                                               help="search: guidances per UNet batch (0: all at once; 1: one by one, "
                                               "stopping at the first accepted, fewest UNet evaluations)"),
+    causal_model: str = typer.Option(None, "--causal-model", help="--variant causal: a causal model folder "
+                                     "(`cyclex train-causal`), or 'demo' for the shipped 64 px phantom model"),
     instruct_model: str = typer.Option(None, "--instruct-model", help="--variant instruct | instruct-rse: the "
                                        "InstructPix2Pix-style editor, a saved pipeline folder, a hub id, or 'demo' "
                                        "(the shipped demo editor)"),
@@ -420,6 +425,10 @@ def explain(
                 raise ValueError(f"--attention-control needs --variant {' | '.join(ATTENTION_CONTROL_VARIANTS)}, "
                                  f"got --variant {variant}")
             maker_kwargs["attention_control"] = AttentionControlConfig(mode=attention_control, local_blend=local_blend)
+        if causal_model:
+            from cyclex.demo.packaged import PACKAGED_DIR
+
+            maker_kwargs["causal_model"] = str(PACKAGED_DIR / "causal") if causal_model == "demo" else causal_model
         if instruct_model:
             from cyclex.demo.instruct_model import resolve_instruct_model
 
@@ -611,6 +620,81 @@ def train_tailored_command(
     except (ValueError, FileNotFoundError, FileExistsError, FolderLockedError) as err:
         console.print(f"[red]error:[/red] {for_the_command_line(str(err), _TRAIN_FLAGS)}")
         raise typer.Exit(code=2) from err
+
+
+@app.command("train-causal")
+def train_causal_command(
+    images: str = typer.Option(..., "--images", help="phantom folder with attributes (`cyclex phantoms --attributes`): "
+                               "metadata.jsonl gives each image's age, sex and findings, the model's parents"),
+    out: str = typer.Option(..., "--out", help="output folder: one causal model folder per arm, recipe.json"),
+    recipe: str = typer.Option("tiny", "--recipe", help="'tiny' (64 px, CPU, minutes) or 'paper' (192 px, the "
+                               "paper's widths and optimiser; run under `accelerate launch`)"),
+    arms: list[str] = typer.Option(None, "--arms", help="baseline, expert, expert_al_10, expert_al_20, expert_al_30 "
+                                   "(repeatable; default all)"),
+    expert: str = typer.Option("phantom", "--expert", help="expert classifier of the expert term: 'phantom[:DIR]' "
+                               "(the demo's stand-in), 'xrv:WEIGHTS[::PATH]' (torchxrayvision) or 'none' (baseline only)"),
+    accelerate: bool = typer.Option(False, "--accelerate/--no-accelerate", help="train through accelerate.Accelerator "
+                                    "(set by `accelerate launch`: several GPUs, mixed precision)"),
+) -> None:
+    """Train seed 004's causal HVAE arms (ELBO, counterfactual training, expert term, active learning)."""
+    import logging
+
+    from rich.console import Console
+
+    console = Console()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        import cv2
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        from cyclex.causal.expert import DifferentiableExpert, xrv_expert
+        from cyclex.causal.recipe import ARMS, paper_recipe, tiny_recipe, train_causal_arms
+        from cyclex.datasets.phantom import read_phantom_folder
+
+        if recipe not in ("tiny", "paper"):
+            raise ValueError(f"--recipe must be 'tiny' or 'paper', got {recipe!r}")
+        chosen = tiny_recipe() if recipe == "tiny" else paper_recipe()
+        records = read_phantom_folder(images)
+        schema, side = chosen.hvae.schema, chosen.hvae.image_size
+        pixels = []
+        for record in records:
+            image = cv2.imread(record["image"], cv2.IMREAD_GRAYSCALE)
+            if image is None:
+                raise ValueError(f"--images: cannot read {record['image']}")
+            pixels.append(image.astype(np.float32) / 255.0)
+        tensor = torch.from_numpy(np.stack(pixels))[:, None]
+        if tuple(tensor.shape[-2:]) != (side, side):
+            tensor = F.interpolate(tensor, size=(side, side), mode="area")
+        parents = torch.stack([schema.from_record(record) for record in records])
+        expert_model = None
+        if expert.startswith("phantom"):
+            from cyclex.demo.phantom_classifier import load_phantom_classifier
+
+            _, _, folder = expert.partition(":")
+            classifier = load_phantom_classifier(folder or None, train_if_missing=False)
+            expert_model = DifferentiableExpert(classifier.net, classifier.class_names,
+                                                name="phantom classifier (stand-in for torchxrayvision)")
+        elif expert.startswith("xrv:"):
+            from cyclex.explain.effectiveness import XRVClassifier
+
+            weights, _, path = expert[4:].partition("::")
+            expert_model = xrv_expert(XRVClassifier(weights, weights_path=path or None))
+        elif expert != "none":
+            raise ValueError(f"--expert must be 'phantom[:DIR]', 'xrv:WEIGHTS[::PATH]' or 'none', got {expert!r}")
+        accelerator = None
+        if accelerate:
+            from accelerate import Accelerator
+
+            accelerator = Accelerator()
+        report = train_causal_arms(tensor, parents, chosen, out, expert=expert_model, arms=tuple(arms or ARMS),
+                                   accelerator=accelerator, metadata={"images": str(Path(images).resolve()),
+                                                                      "recipe": recipe, "expert": expert})
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        console.print(f"[red]error:[/red] {error.args[0] if isinstance(error, KeyError) and error.args else error}")
+        raise typer.Exit(code=1) from None
+    console.print(f"trained {', '.join(report['arms'])} in {report['seconds']:.0f} s: {out}")
 
 
 @app.command("label")

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-validation", type=int, default=CAUSAL_VALIDATION.n)
     parser.add_argument("--ship", action=argparse.BooleanOptionalAction, default=True,
                         help="copy the arm chosen on validation seeds to cyclex/demo/weights/causal")
+    parser.add_argument("--reuse-elbo", action="store_true",
+                        help="start the arms from --out/elbo (an earlier run's ELBO model and predictors)")
     parser.add_argument("--skip-training", action="store_true",
                         help="reuse the arms already in --out (validate and ship only)")
     args = parser.parse_args(argv)
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         report = json.loads((args.out / "recipe.json").read_text())
     else:
         report = train_causal_arms(train_images, train_parents, recipe, args.out, expert=phantom_expert(),
-                                   arms=args.arms, metadata=metadata)
+                                   arms=args.arms, metadata=metadata, reuse_elbo=args.reuse_elbo)
 
     # validation: the ELBO, the predictors' accuracy on real images, the axioms; choose the shipped arm
     validation = {}

@@ -121,3 +121,27 @@ def test_without_finding_keeps_the_attributes():
     phantom = next(p for p in _phantoms(40) if p.findings_meta)
     finding = sorted(phantom.findings_meta)[0]
     assert without_finding(phantom, finding, CONFIG).attributes == phantom.attributes
+
+
+def test_cli_phantoms_attributes_flag_records_them(tmp_path):
+    from typer.testing import CliRunner
+
+    from cyclex.cli import app
+    from cyclex.datasets.phantom import read_phantom_folder
+
+    result = CliRunner().invoke(app, ["phantoms", "--n", "3", "--seed", "20999", "--attributes", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    records = read_phantom_folder(tmp_path / "p")
+    assert all(set(r["attributes"]) == {"age", "sex"} for r in records)
+    plain = CliRunner().invoke(app, ["phantoms", "--n", "2", "--seed", "20999", "--out", str(tmp_path / "q")])
+    assert plain.exit_code == 0 and all("attributes" not in r for r in read_phantom_folder(tmp_path / "q"))
+
+
+def test_cli_train_causal_refuses_phantoms_without_attributes(tmp_path):
+    from typer.testing import CliRunner
+
+    from cyclex.cli import app
+
+    CliRunner().invoke(app, ["phantoms", "--n", "2", "--seed", "20999", "--out", str(tmp_path / "q")])
+    result = CliRunner().invoke(app, ["train-causal", "--images", str(tmp_path / "q"), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 1 and "attributes" in result.output

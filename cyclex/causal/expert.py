@@ -62,3 +62,21 @@ def expert_term(p_factual: torch.Tensor, p_counterfactual: torch.Tensor, alpha: 
         return values.mean()
     weights = changed.to(values.dtype)
     return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+class _XRVLogits(nn.Module):
+    """torchxrayvision's features2 + classifier as one module (its forward adds an op_norm we skip)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.model.features2(x)
+        return self.model.classifier(features) if hasattr(self.model, "classifier") else self.model.model.fc(features)
+
+
+def xrv_expert(classifier) -> DifferentiableExpert:
+    """The paper's expert: a loaded `cyclex.explain.effectiveness.XRVClassifier`, made differentiable."""
+    return DifferentiableExpert(_XRVLogits(classifier.model), classifier.class_names, preprocess=classifier.to_xrv_input,
+                                name=f"torchxrayvision {classifier.weights_name or 'module'}")
