@@ -199,3 +199,15 @@ def test_causal_maker_runs_in_the_cycle(trained):
     results = explainer.explain(torch.stack([query(), query(effusion=0.9)]))
     assert results and all(r.counterfactual.shape == (SIZE, SIZE) for r in results)
     assert {r.maker_details["variant"] for r in results} == {"causal"}
+
+
+def test_paper_recipe_builds_the_192_px_model_and_its_elbo_runs():
+    from cyclex.causal.recipe import paper_recipe
+
+    recipe = paper_recipe()
+    model = CausalHVAE(recipe.hvae)
+    assert recipe.elbo_training.learning_rate == 5e-5 and recipe.elbo_training.grad_clip == 350
+    assert recipe.elbo_training.grad_skip == 500 and recipe.elbo_training.ema_rate == 0.999
+    with torch.no_grad():
+        out = model.elbo(torch.zeros(1, 1, 192, 192), torch.zeros(1, model.n_parents))
+    assert torch.isfinite(out["nelbo"])

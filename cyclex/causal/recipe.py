@@ -94,8 +94,10 @@ def paper_recipe() -> CausalRecipe:
     weight decay 0.1, clip 350, skip 500, EMA 0.999, batch 32. Run under `accelerate launch`.
     """
     return CausalRecipe(
+        # appendix B, smallest first: 1^2 (512 wide, 2 blocks), 6^2 (192, 4), 12^2 (160, 8), 24^2 (128, 12),
+        # 48^2 (96, 8), 96^2 (64, 4), then the deterministic 192^2 block (32 wide)
         hvae=HVAEConfig(image_size=192, resolutions=(192, 96, 48, 24, 12, 6, 1), widths=(32, 64, 96, 128, 160, 192, 512),
-                        blocks=(4, 8, 12, 8, 4, 2, 2), z_max_res=96, z_channels=16),
+                        blocks=(1, 4, 8, 12, 8, 4, 2), z_max_res=96, z_channels=16),
         predictor=ParentPredictorConfig(image_size=192, channels=(32, 64, 128, 256, 256)),
         elbo_training=TrainingConfig(steps=200_000, batch_size=32, learning_rate=5e-5, warmup_steps=100),
         predictor_training=TrainingConfig(steps=20_000, batch_size=32, learning_rate=1e-4, warmup_steps=100,
