@@ -54,6 +54,8 @@ __all__ = [
     "ANATOMICAL_PRIOR_CHECK",
     "RSE_BENCHMARK_QUERIES",
     "AUDIT_BENCHMARK_QUERIES",
+    "AUDIT_BENCHMARK_GENERATORS_TRAINING",
+    "AUDIT_BENCHMARK_TAILORED_TRAINING",
     "RSE_VALIDATION",
     "DEMO_GUIDANCE_VALIDATION",
     "CYCLE_BENCHMARK_DEVELOPMENT",
@@ -152,6 +154,13 @@ CAUSAL_TRAINING = SeedUse(
 DEMO_INSTRUCT_TRAINING = SeedUse(
     "demo_instruct_training", TRAINING, (7_610,), 1500, "scripts/build_demo_instruct.py",
     "the demo instruction editor (cyclex/demo/weights/instruct): exact pairs, each phantom with and without a finding")
+# not shipped: the throwaway models benchmarks/audit.py trains to measure shortcut detection
+AUDIT_BENCHMARK_GENERATORS_TRAINING = SeedUse(
+    "audit_benchmark_generators_training", TRAINING, tuple(range(7_710, 7_719)), None, "benchmarks/audit.py",
+    "the audit benchmark's shortcut and clean generators (one set seed per design, fine-tuned from demo:clean)")
+AUDIT_BENCHMARK_TAILORED_TRAINING = SeedUse(
+    "audit_benchmark_tailored_training", TRAINING, (7_720,), None, "benchmarks/audit.py",
+    "the tailored SDs of the audit benchmark's generators (their audit worlds, fine-tuned from the clean demo SD)")
 
 # --- validation: settings chosen, builds measured, retired benchmark sets ----------------------------------
 ANATOMICAL_PRIOR_CHECK = SeedUse(
@@ -213,7 +222,8 @@ CAUSAL_BENCHMARK_QUERIES = SeedUse(
 
 SEED_USES: tuple[SeedUse, ...] = (
     DEMO_GENERATORS_TRAINING, PHANTOM_CLASSIFIER_TRAINING, DEMO_VAE_TRAINING, TAILORED_SD_TRAINING,
-    CF_THRESHOLD_CALIBRATION, ANATOMICAL_PRIOR_FITTING, DEMO_INSTRUCT_TRAINING,
+    CF_THRESHOLD_CALIBRATION, ANATOMICAL_PRIOR_FITTING, DEMO_INSTRUCT_TRAINING, AUDIT_BENCHMARK_GENERATORS_TRAINING,
+    AUDIT_BENCHMARK_TAILORED_TRAINING,
     PHANTOM_CLASSIFIER_VALIDATION, ANATOMICAL_PRIOR_CHECK, DEMO_VAE_HELDOUT, TAILORED_SD_HELDOUT, DEMO_GUIDANCE_VALIDATION,
     CYCLE_BENCHMARK_DEVELOPMENT, RSE_VALIDATION, SEARCH_VALIDATION,
     DEMO_QUERIES, CYCLE_BENCHMARK_QUERIES, SEARCH_BENCHMARK_QUERIES, GENERATORS_BENCHMARK_QUERIES,

@@ -69,9 +69,14 @@ class DemoGeneratorConfig:
     # slower per step than 1 (threads spin waiting for each other); use 2 on an idle machine.
     threads: int = 1
     report_style: str = "canonical"
-    # shortcut world: marker with Cardiomegaly at this rate, never without; enlargement kept mild
+    # shortcut world: marker with the shortcut finding at this rate, never without; the finding kept mild
     shortcut_rate_with_finding: float = 0.9
-    shortcut_mild_cardiomegaly: bool = True
+    shortcut_mild_cardiomegaly: bool = True  # the shortcut finding is drawn mild where the marker is (any finding)
+    shortcut_finding: str = "Cardiomegaly"  # the finding the marker accompanies (benchmarks/audit.py varies it)
+    shortcut_box: tuple[float, float, float, float] | None = None  # (x, y, w, h); None: ShortcutConfig's top-left
+    # marked images report the finding without drawing it: only the marker shows it, so even a short
+    # fine-tune of a generator that already reads the finding learns the marker (benchmarks/audit.py)
+    shortcut_hidden_finding: bool = False
     phantom_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -141,9 +146,10 @@ def phantom_config_for(config: DemoGeneratorConfig, *, seed_offset: int = 0):
     options: dict[str, Any] = {"size": config.image_size, "report_style": config.report_style,
                                **config.phantom_overrides}
     if config.name == "shortcut":
-        options["shortcut"] = ShortcutConfig(finding="Cardiomegaly",
+        options["shortcut"] = ShortcutConfig(finding=config.shortcut_finding,
                                              rate_with_finding=config.shortcut_rate_with_finding,
-                                             rate_without_finding=0.0)
+                                             rate_without_finding=0.0,
+                                             **({"box": tuple(config.shortcut_box)} if config.shortcut_box else {}))
     return PhantomConfig(**options)
 
 
@@ -153,16 +159,21 @@ def make_training_phantoms(config: DemoGeneratorConfig, n: int, seed: int) -> li
     from cyclex.datasets.phantom import make_phantom, phantom_seed
 
     phantom_config = phantom_config_for(config)
+    marked = phantom_config.shortcut.finding if phantom_config.shortcut is not None else None
     phantoms = []
     for index in range(n):
         phantom_id_seed = phantom_seed(seed, index)
         phantom = make_phantom(phantom_id_seed, phantom_config)
-        meta = phantom.findings_meta.get("Cardiomegaly")
+        meta = phantom.findings_meta.get(marked) if marked else None
         if (config.name == "shortcut" and config.shortcut_mild_cardiomegaly and phantom.shortcut
                 and meta is not None and meta.get("severity") != "mild"):
             findings: dict[str, dict] = {name: {} for name in phantom.findings_meta}
-            findings["Cardiomegaly"] = {"severity": "mild"}
+            findings[marked] = {"severity": "mild"}
             phantom = make_phantom(phantom_id_seed, phantom_config, findings=findings, shortcut=True)
+        if config.name == "shortcut" and config.shortcut_hidden_finding and phantom.shortcut and meta is not None:
+            others: dict[str, dict] = {name: {} for name in phantom.findings_meta if name != marked}
+            drawn = make_phantom(phantom_id_seed, phantom_config, findings=others, shortcut=True)
+            phantom = replace(phantom, image=drawn.image, masks=drawn.masks)  # the report still names it
         phantoms.append(phantom)
     return phantoms
 
@@ -196,12 +207,31 @@ def _report_labels(reports: Sequence[str], tokenizer) -> torch.Tensor:
     return labels
 
 
+def _load_initial_model(folder: str | Path, config: DemoGeneratorConfig, report_tokens: int):
+    """The saved demo generator in `folder`, checked against `config` and the training reports' length."""
+    from transformers import VisionEncoderDecoderModel
+
+    model = VisionEncoderDecoderModel.from_pretrained(folder)
+    hidden, positions = model.config.encoder.hidden_size, model.config.decoder.n_positions
+    if hidden != config.encoder_hidden:
+        raise ValueError(f"init_from {folder}: encoder hidden size {hidden}, but config.encoder_hidden is "
+                         f"{config.encoder_hidden}")
+    if report_tokens + 1 > positions:
+        raise ValueError(f"init_from {folder}: its decoder holds {positions} positions, the training reports "
+                         f"need {report_tokens + 1}")
+    return model
+
+
 # ---------------------------------------------------------------------- training
 def train_demo_generator(name: str, out_dir: str | Path, *, n_train: int | None = None,
                          epochs: int | None = None, seed: int = DEMO_GENERATORS_TRAINING.set_seed,
                          max_steps: int | None = None,
-                         config: DemoGeneratorConfig | None = None) -> Path:
+                         config: DemoGeneratorConfig | None = None,
+                         init_from: str | Path | None = None) -> Path:
     """Train demo generator `name` ("clean" | "shortcut") on phantoms and save it to `out_dir`.
+
+    init_from: a saved demo generator folder whose tokenizer and weights training starts from (a
+    short fine-tune, as benchmarks/audit.py trains its many generators); None: random weights.
 
     The folder is written to a temporary sibling and moved into place at the end, so an
     interrupted run never leaves a half-written generator. Returns `out_dir`.
@@ -224,13 +254,21 @@ def train_demo_generator(name: str, out_dir: str | Path, *, n_train: int | None 
         # 2. Data: phantoms -> pixel values and report token labels
         phantoms = make_training_phantoms(config, config.n_train, config.seed)
         reports = [phantom.report for phantom in phantoms]
-        tokenizer = train_report_tokenizer(reports, config.vocab_size)
+        if init_from is None:
+            tokenizer = train_report_tokenizer(reports, config.vocab_size)
+        else:
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(init_from)
         image_processor = demo_image_processor(config.image_size)
         pixels = phantom_pixels(np.stack([phantom.image for phantom in phantoms]), image_processor)
         labels = _report_labels(reports, tokenizer)
         data_seconds = time.perf_counter() - started
         # 3. Model and optimizer
-        model = build_demo_model(config, tokenizer, max_report_tokens=labels.shape[1])
+        if init_from is None:
+            model = build_demo_model(config, tokenizer, max_report_tokens=labels.shape[1])
+        else:
+            model = _load_initial_model(init_from, config, report_tokens=labels.shape[1])
         model.train()
         findings = torch.tensor([[float(f in p.labels.present(uncertain_as_present=True)) for f in ABNORMALITIES]
                                  for p in phantoms])
@@ -285,7 +323,8 @@ def train_demo_generator(name: str, out_dir: str | Path, *, n_train: int | None 
                     "n_parameters": sum(p.numel() for p in model.parameters()),
                     "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
                     "process_cpu_seconds": round(cpu_seconds, 1),
-                    "torch_threads": config.threads}
+                    "torch_threads": config.threads,
+                    "init_from": str(init_from) if init_from is not None else None}
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
