@@ -47,6 +47,10 @@ class TailoredTrainingConfig:
     use_ema: bool = False
     ema_decay: float = 0.9999
     precompute_latents: bool = True  # STYLE rule 19: encode VAE latents once (no augmentation is used)
+    # None: latents are encoded in memory at every start; a folder: encoded once there, split between the
+    # processes, resumable, and read back by later runs (latent_cache.py)
+    latent_cache_dir: str | None = None
+    latent_cache_shard_size: int = 1024  # images per latents-NNNNNN.safetensors (a multiple of 32)
     dataloader_num_workers: int = 0
     # -- checkpoints, logging, validation --
     checkpointing_steps: int = 5_000
@@ -85,6 +89,12 @@ class TailoredTrainingConfig:
             raise ValueError(f"TailoredTrainingConfig.validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.validation_images < 1:
             raise ValueError("TailoredTrainingConfig.validation_images must be >= 1")
+        if self.latent_cache_dir is not None and not self.precompute_latents:
+            raise ValueError("TailoredTrainingConfig.latent_cache_dir needs precompute_latents=True (the cache holds "
+                             "the precomputed latents)")
+        if self.latent_cache_shard_size < 1 or self.latent_cache_shard_size % 32:
+            raise ValueError("TailoredTrainingConfig.latent_cache_shard_size must be a positive multiple of 32, got "
+                             f"{self.latent_cache_shard_size}")
 
     def resolved_warmup_steps(self) -> int:
         """lr warm-up steps: the set value, or 5 % of max_train_steps capped at 500 (scaled to the run)."""

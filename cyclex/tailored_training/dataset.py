@@ -404,7 +404,14 @@ def finding_counts(labels: Sequence[FindingLabels], uncertain_as_present: bool, 
 
 
 def read_manifest(path: str | Path) -> list[dict]:
-    """The manifest rows; a missing file, a missing field or an empty manifest is a clear error."""
+    """The manifest rows; a missing file, a missing field or an empty manifest is a clear error.
+
+    `path` may also name WebDataset tar shards (a .tar, a folder of them, `train-{000000..000009}.tar`).
+    """
+    from cyclex.tailored_training.webdataset_shards import is_webdataset_source, read_webdataset_rows
+
+    if is_webdataset_source(path):  # rows with "image" (the shard) and "tar_member" (webdataset_shards.py)
+        return read_webdataset_rows(path)
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
@@ -424,8 +431,11 @@ def read_manifest(path: str | Path) -> list[dict]:
 
 
 class TailoredImageDataset(torch.utils.data.Dataset):
+        from cyclex.tailored_training.webdataset_shards import ShardReader
+
     """(image, prompt) pairs of a manifest: image (1, R, R) float32 in [0, 1], R = resolution."""
 
+        self.shards = ShardReader()  # rows read from WebDataset shards name a tar member
     def __init__(self, rows: Sequence[dict], resolution: int):
         self.rows = list(rows)
         self.resolution = resolution
@@ -435,5 +445,8 @@ class TailoredImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
-        image = load_gray_image(row["image"], self.resolution)
+        if "tar_member" in row:
+            image = self.shards.load_gray_image(row["image"], row["tar_member"], self.resolution)
+        else:
+            image = load_gray_image(row["image"], self.resolution)
         return {"pixel_values": torch.from_numpy(image)[None], "prompt": row["prompt"], "index": index}

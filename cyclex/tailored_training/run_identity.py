@@ -31,7 +31,8 @@ FORMAT_VERSION = 1
 # Settings that do not change what is trained (logging, bookkeeping, which checkpoint to resume from,
 # checkpoint selection after training): a resume with other values of these is fine.
 NOT_IDENTITY = ("report_to", "resume_from_checkpoint", "dataloader_num_workers", "checkpoints_total_limit",
-                "checkpointing_steps", "validation_steps", "num_inversion_steps", "selection_batch_size")
+                "checkpointing_steps", "validation_steps", "num_inversion_steps", "selection_batch_size",
+                "latent_cache_dir", "latent_cache_shard_size")  # where latents are kept changes no number
 # What a tailored run writes into its folder (train_tailored, the CLI's data set, selection, trackers).
 TAILORED_RUN_ENTRIES = ("dataset", "checkpoints", "logs", "unet", "vae", "text_encoder", "tokenizer", "scheduler",
                         "model_index.json", "cyclex_tailored.json", "selection.json", "training_config.json",

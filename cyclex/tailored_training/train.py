@@ -27,6 +27,7 @@ warning, and the run resumes from the latest complete one. Old checkpoints beyon
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -395,7 +396,8 @@ def train_tailored(
     input_ids = tokenize(tokenizer, [r["prompt"] for r in train_rows])
     empty_ids = tokenize(tokenizer, [""])[0]
     if cfg.precompute_latents:
-        latents = _encode_rows(vae, train_rows, cfg, accelerator)
+        latents = (_cached_latents(vae, train_rows, cfg, accelerator) if cfg.latent_cache_dir is not None
+                   else _encode_rows(vae, train_rows, cfg, accelerator))
         train_dataset = LatentPromptDataset(latents, input_ids)
     else:
         train_dataset = ImagePromptDataset(TailoredImageDataset(train_rows, cfg.resolution), input_ids)
@@ -530,6 +532,31 @@ def train_tailored(
     rate = images_seen / train_seconds if train_seconds > 0 else float("nan")
     return TrainingResult(output_dir=output_dir, global_step=global_step, images_per_s=rate, last_loss=last_loss,
                           checkpoints=saved)
+
+
+def _cached_latents(vae, rows: list[dict], cfg: TailoredTrainingConfig, accelerator) -> torch.Tensor:
+    """The rows' latents from `cfg.latent_cache_dir`: checked by the main process, the missing shards
+    encoded by every process (shard k by process k mod N), then read back by all (latent_cache.py)."""
+    from cyclex.provenance import module_weights_sha256
+    from cyclex.tailored_training.latent_cache import (
+        META_NAME,
+        encode_latent_shards,
+        load_latent_cache,
+        prepare_latent_cache,
+    )
+
+    folder = Path(cfg.latent_cache_dir)
+    if accelerator.is_main_process:
+        prepare_latent_cache(folder, rows, cfg.resolution, module_weights_sha256(vae), cfg.latent_cache_shard_size)
+    accelerator.wait_for_everyone()
+    meta = json.loads((folder / META_NAME).read_text())
+    encoded = encode_latent_shards(vae, TailoredImageDataset(rows, cfg.resolution), folder, meta,
+                                   device=accelerator.device, encode=encode_latents,
+                                   process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+    if encoded:
+        logger.info("latent cache %s: process %d encoded shards %s", folder, accelerator.process_index, encoded)
+    accelerator.wait_for_everyone()
+    return load_latent_cache(folder, meta)
 
 
 def _encode_rows(vae, rows: list[dict], cfg: TailoredTrainingConfig, accelerator) -> torch.Tensor:
