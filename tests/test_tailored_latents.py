@@ -24,7 +24,11 @@ from cyclex.tailored_training.latent_cache import (
     shard_path,
 )
 from cyclex.tailored_training.train import encode_latents, load_base_components
-from cyclex.tailored_training.webdataset_shards import expand_shards, is_webdataset_source, write_webdataset_shards
+from cyclex.tailored_training.webdataset_shards import (
+    expand_shards,
+    is_webdataset_source,
+    write_webdataset_shards,
+)
 
 CONFIG = TailoredTrainingConfig(
     max_train_steps=4, checkpointing_steps=2, resolution=32, train_batch_size=4, learning_rate=1e-3,
@@ -112,7 +116,7 @@ def test_training_from_shards_and_the_cache_is_training_from_the_manifest(base, 
         torch.testing.assert_close(trained[key], value, rtol=0, atol=0)
 
 
-def _launch_training(source, base, out, cache, port_free=True):
+def _launch_training(source, base, out, cache):
     from cyclex.cycle.distributed import free_port
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -431,14 +431,14 @@ def read_manifest(path: str | Path) -> list[dict]:
 
 
 class TailoredImageDataset(torch.utils.data.Dataset):
-        from cyclex.tailored_training.webdataset_shards import ShardReader
-
     """(image, prompt) pairs of a manifest: image (1, R, R) float32 in [0, 1], R = resolution."""
 
-        self.shards = ShardReader()  # rows read from WebDataset shards name a tar member
     def __init__(self, rows: Sequence[dict], resolution: int):
+        from cyclex.tailored_training.webdataset_shards import ShardReader
+
         self.rows = list(rows)
         self.resolution = resolution
+        self.shards = ShardReader()  # rows read from WebDataset shards name a tar member
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -446,7 +446,11 @@ class TailoredImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         if "tar_member" in row:
-            image = self.shards.load_gray_image(row["image"], row["tar_member"], self.resolution)
+            with self.shards.extracted(row["image"], row["tar_member"]) as path:
+                try:
+                    image = load_gray_image(path, self.resolution)
+                except ValueError as err:
+                    raise ValueError(f"WebDataset shard {row['image']}, member {row['tar_member']}: {err}") from err
         else:
             image = load_gray_image(row["image"], self.resolution)
         return {"pixel_values": torch.from_numpy(image)[None], "prompt": row["prompt"], "index": index}

@@ -18,7 +18,9 @@ import io
 import json
 import re
 import tarfile
+import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from cyclex.atomic_io import atomic_write
@@ -114,20 +116,14 @@ class ShardReader:
             raise KeyError(f"WebDataset shard {shard} has no member {member!r}")
         return tar.extractfile(members[member]).read()
 
-    def load_gray_image(self, shard: str, member: str, size: int | tuple[int, int] | None = None):
-        """The member's image through the one image reader of the manifest path (`dataset.load_gray_image`),
-        from a temporary copy of its bytes, so a shard decodes exactly as the files it was made from."""
-        import tempfile
-
-        from cyclex.tailored_training.dataset import load_gray_image
-
+    @contextmanager
+    def extracted(self, shard: str, member: str):
+        """A temporary file holding the member's bytes, for the block: the image is then read by the same
+        reader as the manifest's files (`dataset.load_gray_image`), so a shard decodes exactly as they do."""
         with tempfile.TemporaryDirectory(prefix="cyclex-shard-") as folder:
             path = Path(folder) / member.rsplit("/", 1)[-1]
             path.write_bytes(self.read(shard, member))
-            try:
-                return load_gray_image(path, size)
-            except ValueError as err:
-                raise ValueError(f"WebDataset shard {shard}, member {member}: {err}") from err
+            yield path
 
     def __getstate__(self) -> dict:  # a DataLoader worker opens its own files
         return {"_open": {}}
