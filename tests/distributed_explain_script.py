@@ -5,6 +5,7 @@ maker) on the queries of `make_queries` and runs `run_explainer_distributed` int
 the pitfalls under test, from the environment:
   CYCLEX_TEST_DIE=RANK:CALLS   rank RANK exits at once (os._exit, like kill -9) at its CALLS-th generator call
   CYCLEX_TEST_SLOW_RANK=RANK   rank RANK waits 3 s before its shard, so the others finish first
+  CYCLEX_TEST_FAIL_BRIGHT=1    the generator raises on any batch holding an image with effusion and edema
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from cycle_fakes import KeywordLabeler, PaintingMaker, brightness_reports, query  # noqa: E402
+from cycle_fakes import (  # noqa: E402
+    EDEMA,
+    EFFUSION,
+    KeywordLabeler,
+    PaintingMaker,
+    brightness_reports,
+    query,
+    region_mean,
+)
 from PIL import Image  # noqa: E402
 
 from cyclex.adapters import CallableGenerator, GeneratorInfo  # noqa: E402
@@ -49,10 +58,14 @@ def make_explainer(rank: int = 0) -> CyclicExplainer:
     die_rank, _, die_calls = os.environ.get("CYCLEX_TEST_DIE", "").partition(":")
     calls = [0]
 
+    fail_bright = os.environ.get("CYCLEX_TEST_FAIL_BRIGHT") == "1"
+
     def reports(images):
         calls[0] += 1
         if die_rank and int(die_rank) == rank and calls[0] >= int(die_calls):
             os._exit(9)  # no clean-up at all, as a kill -9
+        if fail_bright and bool(((region_mean(images, EFFUSION) > 0.5) & (region_mean(images, EDEMA) > 0.5)).any()):
+            raise RuntimeError("the generator fails on images with both effusion and edema")
         return brightness_reports(images)
 
     generator = CallableGenerator(reports, GeneratorInfo(name="fake:brightness", channels=1))

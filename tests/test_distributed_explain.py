@@ -188,3 +188,24 @@ def test_accelerate_launch_command_runs_the_cyclex_module():
     assert command[-4:] == ["cyclex", "explain", "--out", "RUN"]
     with pytest.raises(ValueError, match="num_processes must be >= 2"):
         accelerate_launch_command([], 1)
+
+
+def test_images_the_generator_fails_on_are_listed_once_and_retried(tmp_path):
+    make_queries(tmp_path / "in")
+    out = tmp_path / "run"
+    # only "c d" has both effusion and edema: its batch fails, is retried image by image, and "c d" fails alone
+    first = _launch(2, out, tmp_path / "in", env={"CYCLEX_TEST_FAIL_BRIGHT": "1"})
+    assert first.returncode == 0, first.stderr[-3000:]
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [(line["id"], line["stage"]) for line in skipped] == [("c d", "generator")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_images_failed"] == 1 and summary["n_images_done"] == len(QUERIES) - 1
+    assert list((out / SHARDS_DIR).iterdir()) == []  # the ranks' lists were folded into skipped.jsonl
+    # the generator fixed: a rerun on 3 processes does "c d" alone and the list goes
+    second = _launch(3, out, tmp_path / "in")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert not (out / "skipped.jsonl").exists()
+    assert json.loads((out / "summary.json").read_text())["n_images_done"] == len(QUERIES)
+    explained = [p["n_images_explained"] for p in json.loads((out / "summary.json").read_text())["processes"][
+        "per_process"]]
+    assert sum(explained) == 1
