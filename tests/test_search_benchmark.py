@@ -159,7 +159,8 @@ def test_queries_on_training_seeds_are_refused():
 def test_arm_summary_and_paired_comparison_count_by_hand():
     def record(index, accepted, calls, null="default"):
         return {"index": index, "accepted": accepted, "score": 5 if accepted else 3, "unet_calls": calls,
-                "unet_passes": calls // 2, "seconds": calls / 100, "setting": {"null_setting": null}, "attempts": []}
+                "unet_passes": calls // 2, "seconds": calls / 100, "setting": {"null_setting": null}, "attempts": [],
+                "n_attempts": calls // 10, "cycle_checks": int(accepted), "gave_up": not accepted and calls < 100}
 
     baseline = [record(0, True, 100), record(1, False, 400), record(2, True, 100), record(3, False, 400)]
     arm = [record(0, True, 10), record(1, True, 40, "underfit"), record(2, True, 10), record(3, False, 40)]
@@ -167,6 +168,8 @@ def test_arm_summary_and_paired_comparison_count_by_hand():
     assert summary["acceptance_rate"] == 0.75 and summary["n_accepted"] == 3
     assert summary["unet_calls_per_finding"] == 25.0 and summary["unet_calls_per_accepted"] == pytest.approx(100 / 3)
     assert summary["accepted_by_null_setting"] == {"default": 2, "underfit": 1}
+    assert summary["attempts_per_finding"] == 2.5 and summary["cycle_checks_per_finding"] == 0.75
+    assert summary["n_gave_up"] == 1
     paired = bench.paired_comparison(arm, baseline)
     assert paired["acceptance_difference"]["difference"] == 0.25
     assert paired["acceptance_difference"]["n_a_only"] == 1 and paired["acceptance_difference"]["n_b_only"] == 0
