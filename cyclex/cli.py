@@ -463,7 +463,7 @@ def explain(
     except KeyboardInterrupt:
         interrupted(console, Path(out))
     except (FileNotFoundError, ValueError, KeyError, TypeError, RunFolderError, UnknownFindingError,
-            GeneratorError) as error:
+            GeneratorError, OSError) as error:  # OSError: unreadable weights, a full disk (they name the file)
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         rank = "" if state is None else f" (process {state.process_index} of {state.num_processes})"
         console.print(f"[red]error{rank}:[/red] {for_the_command_line(str(message), _EXPLAIN_FLAGS)}")
@@ -568,6 +568,7 @@ def train_tailored_command(
     For several GPUs or nodes, train the built data set with
     `accelerate launch -m cyclex.tailored_training --manifest OUT/dataset/manifest.jsonl --base ... --out ...`.
     """
+    import contextlib
     import dataclasses
     import json
     import logging
@@ -576,6 +577,7 @@ def train_tailored_command(
     from rich.console import Console
 
     from cyclex.labelers import load_labeler
+    from cyclex.run_lock import FolderLock, FolderLockedError
     from cyclex.specs.generators import load_generator
     from cyclex.tailored_training import (
         TailoredTrainingConfig,
@@ -589,6 +591,7 @@ def train_tailored_command(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
+    held = contextlib.ExitStack()
     overrides = {"max_train_steps": max_steps, "resolution": resolution, "train_batch_size": batch_size,
                  "learning_rate": learning_rate, "checkpointing_steps": checkpointing_steps,
                  "num_inversion_steps": inversion_steps, "lr_warmup_steps": warmup_steps}
@@ -620,6 +623,8 @@ def train_tailored_command(
     except (ValueError, FileNotFoundError, FileExistsError, FolderLockedError) as err:
         console.print(f"[red]error:[/red] {for_the_command_line(str(err), _TRAIN_FLAGS)}")
         raise typer.Exit(code=2) from err
+    finally:
+        held.close()
 
 
 @app.command("train-causal")
@@ -722,7 +727,6 @@ def label_command(
     try:
         labels = label_csv(reports_csv, out, column=column, labeler=labeler, encoding=encoding)
     except (FileNotFoundError, KeyError, ValueError, TypeError, OSError) as error:
-    import contextlib
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(message))}")
         raise typer.Exit(code=2) from None
@@ -731,7 +735,6 @@ def label_command(
 
 
 @app.command("generate")
-    from cyclex.run_lock import FolderLock, FolderLockedError
 def generate_command(
     generator: str = typer.Argument(..., help=GENERATOR_HELP),
     images: list[str] = typer.Argument(..., help="X-ray files (PNG, JPEG, DICOM, ...)"),
@@ -745,10 +748,9 @@ def generate_command(
     from rich.markup import escape
 
     from cyclex.adapters import GeneratorError
-    held = contextlib.ExitStack()
     from cyclex.atomic_io import write_bytes_atomic
     from cyclex.csv_text import csv_bytes
-    from cyclex.datasets.images import ImageReadError, read_image, resize_image
+    from cyclex.datasets.images import MIN_IMAGE_SIDE, ImageReadError, read_image, resize_image
     from cyclex.specs.generators import load_generator
 
     errors = Console(stderr=True, soft_wrap=True)
@@ -761,7 +763,11 @@ def generate_command(
     readable, failed = [], []
     for path in images:
         try:
-            readable.append((path, resize_image(read_image(path), size)))
+            image = read_image(path)
+            if min(image.shape) < MIN_IMAGE_SIDE:  # scaled up, it would be a flat grey with a report of its own
+                raise ImageReadError(f"{path}: the image is {image.shape[1]} x {image.shape[0]} pixels; cyclex "
+                                     f"reads images of at least {MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE}")
+            readable.append((path, resize_image(image, size)))
         except ImageReadError as error:
             failed.append(path)
             errors.print(f"[red]skipped:[/red] {escape(str(error))}")
@@ -772,8 +778,6 @@ def generate_command(
         try:
             reports = model.generate(batch)
         except GeneratorError as error:
-    finally:
-        held.close()
             errors.print(f"[red]error:[/red] {escape(str(error))} (files: {', '.join(p for p, _ in chunk)})")
             failed.extend(p for p, _ in chunk)
             continue
@@ -889,6 +893,7 @@ def report_command(
         write_comparison_report,
         write_run_report,
     )
+    from cyclex.cycle.run_ownership import RunFolderError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
@@ -973,7 +978,6 @@ def audit_command(
         else:
             raise ValueError("an audit needs at least two run folders, or --generator/--tailored pairs with --images")
     except (FileNotFoundError, ValueError, KeyError, RunFolderError, ImportError, TypeError) as error:
-    from cyclex.cycle.run_ownership import RunFolderError
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(code=1) from None
     names = audit["names"]
