@@ -61,9 +61,15 @@ def read_csv_rows(path: str | os.PathLike, *, encoding: str = DEFAULT_ENCODING,
         reader = csv.reader(io.StringIO(text, newline=""))
         try:
             header = next(reader, [])
-            # short rows padded with '', cells past the header ignored, blank lines skipped (as DictReader)
-            rows = [dict(zip(header, cells + [""] * (len(header) - len(cells)), strict=False))
-                    for cells in reader if cells]
+            # short rows padded with '', blank lines skipped (as DictReader); a row longer than the header is an
+            # error: it is most often a report with an unquoted comma, whose tail would be dropped unseen
+            rows = []
+            for cells in reader:
+                if len(cells) > len(header):
+                    raise ValueError(f"{what} {str(path)!r} line {reader.line_num}: {len(cells)} cells but the header "
+                                     f"names {len(header)} columns; quote cells that contain commas")
+                if cells:
+                    rows.append(dict(zip(header, cells + [""] * (len(header) - len(cells)), strict=True)))
         except csv.Error as error:
             raise ValueError(f"{what} {str(path)!r} is not a valid CSV file (line {reader.line_num}): "
                              f"{error}") from None

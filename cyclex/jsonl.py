@@ -28,7 +28,12 @@ def read_jsonl(path: str | os.PathLike, required: Sequence[str] = (), *,
     """
     path = Path(path)
     rows = []
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                    "expected JSON lines as cyclex writes them") from None
+    for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
         try:

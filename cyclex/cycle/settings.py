@@ -14,6 +14,7 @@ in `explain_settings.json`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -100,6 +101,8 @@ class SearchGrid:
             object.__setattr__(self, name, value)
         if not 0 <= int(self.required_score) <= 5:
             raise ValueError(f"SearchGrid.required_score must be in 0-5 (CF_Score), got {self.required_score}")
+        if any(not math.isfinite(g) or g < 0 for g in self.guidances):
+            raise ValueError(f"SearchGrid.guidances must be finite numbers >= 0, got {self.guidances}")
         if any(not 0 < s <= 1 for s in self.strengths):
             raise ValueError(f"SearchGrid.strengths must lie in (0, 1], got {self.strengths}")
         if self.guidance_batch_size is not None and int(self.guidance_batch_size) < 1:
@@ -141,8 +144,8 @@ class ExplainSettings:
     def __post_init__(self) -> None:
         if int(self.steps) < 1:
             raise ValueError(f"ExplainSettings.steps must be >= 1, got {self.steps}")
-        if float(self.guidance) < 0:
-            raise ValueError(f"ExplainSettings.guidance must be >= 0, got {self.guidance}")
+        if not math.isfinite(float(self.guidance)) or float(self.guidance) < 0:  # NaN would pass a `< 0` test
+            raise ValueError(f"ExplainSettings.guidance must be a finite number >= 0, got {self.guidance}")
         if not 0 < float(self.strength) <= 1:
             raise ValueError(f"ExplainSettings.strength (denoising strength delta) must be in (0, 1], got {self.strength}")
         if int(self.batch_size) < 1:

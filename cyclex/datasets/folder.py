@@ -64,8 +64,9 @@ def read_image_folder(folder: str | os.PathLike, csv_path: str | os.PathLike | N
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder}: image folder not found")
     if csv_path is None:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       and not _inside_cyclex_run(p, folder))
+        # a broken or looping symlink named like an image is kept: reading it fails, so it is listed as skipped
+        files = sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink())
+                       and p.suffix.lower() in IMAGE_SUFFIXES and not _inside_cyclex_run(p, folder))
         if not files:
             raise FileNotFoundError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
         return [XrayRecord(id=str(p.relative_to(folder).with_suffix("")), image_paths=[p]) for p in files]
@@ -106,6 +107,12 @@ def read_image_folder(folder: str | os.PathLike, csv_path: str | os.PathLike | N
             split=normalise_split(row[split_column], source=where) if split_column else None,
             meta=meta,
         ))
+    seen: dict[str, int] = {}
+    for index, record in enumerate(records):
+        if record.id in seen:
+            raise ValueError(f"{csv_path}: rows {seen[record.id] + 2} and {index + 2} have the same image id "
+                             f"{record.id!r}; ids must be unique")
+        seen[record.id] = index
     if check_files:
         check_files_exist(records, csv_path)
     return records

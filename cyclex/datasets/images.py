@@ -98,6 +98,10 @@ def _read_dicom(path: Path) -> np.ndarray:
     return dicom_to_float(ds, path)
 
 
+# pixels: smaller images would be scaled up to a flat grey and explained or trained on as if they were X-rays
+MIN_IMAGE_SIDE = 16
+
+
 def pil_to_float(image: Image.Image, path: Path | str = "<image>") -> np.ndarray:
     """A Pillow image -> float32 (H, W) in [0, 1]; RGB(A) becomes luminance, alpha composites over black."""
     mode = image.mode
@@ -141,6 +145,8 @@ def _read_pil(path: Path) -> np.ndarray:
         raise
     except UnidentifiedImageError as err:
         raise ImageReadError(f"{path}: not a readable image (expected PNG, JPEG, TIFF, BMP or DICOM)") from err
+    except Image.DecompressionBombError as err:  # a header declaring billions of pixels: refused, not decoded
+        raise ImageReadError(f"{path}: declares too many pixels to decode safely ({err})") from err
     except (OSError, ValueError, SyntaxError) as err:  # truncated data, broken chunks
         raise ImageReadError(f"{path}: image data is corrupt or truncated ({err})") from err
 

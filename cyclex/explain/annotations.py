@@ -132,8 +132,14 @@ def _read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation CSV not found: {path}")
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"annotation CSV {path}: not UTF-8 text (offset {err.start}); expected an MS-CXR box CSV "
+                         "or a REFLACX ellipse CSV") from None
+    except csv.Error as err:
+        raise ValueError(f"annotation CSV {path}: not a valid CSV file ({err})") from None
     return rows
 
 

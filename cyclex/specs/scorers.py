@@ -260,7 +260,14 @@ def _file_thresholds(path: Path) -> tuple[CFThresholds, dict]:
 
     if not path.is_file():
         raise FileNotFoundError(f"--thresholds {path}: no such file (expected a cf_thresholds.json)")
-    stored = json.loads(path.read_text()).get("provenance", {})
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--thresholds {path}: not a JSON file ({err}); expected a cf_thresholds.json") from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"--thresholds {path}: expected a JSON object (a cf_thresholds.json), got "
+                         f"{type(stored).__name__}")
+    stored = stored.get("provenance", {})
     stored = {k: v for k, v in stored.items() if k != "seeds"} if isinstance(stored, dict) else {}
     return load_cf_thresholds(path), {"name": str(path), "kind": "file", "sha256": file_sha256(path),
                                       "stored_provenance": stored}

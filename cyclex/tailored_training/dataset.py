@@ -30,6 +30,7 @@ import torch
 
 from cyclex.adapters.base import ReportGenerator, check_reports
 from cyclex.atomic_io import write_jsonl_atomic
+from cyclex.datasets.images import IMAGE_SUFFIXES, MIN_IMAGE_SIDE, ImageReadError, read_image
 from cyclex.findings import ABNORMALITIES, FINDINGS, FindingLabels, LabelState, StructuredPrompt
 from cyclex.image_checks import check_image_batch
 from cyclex.jsonl import read_jsonl
@@ -37,7 +38,6 @@ from cyclex.tailored_training.config import PROMPT_SOURCES, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CACHE_NAME = "generated_reports.jsonl"
 FAILURES_NAME = "failures.jsonl"
 MANIFEST_NAME = "manifest.jsonl"
@@ -82,32 +82,27 @@ class ImageRecord:
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_gray_image(path: str | Path, size: int | tuple[int, int] | None = None) -> np.ndarray:
-    """Read an image file as float32 (H, W) in [0, 1] (colour is converted to luminance).
+def load_gray_image(path: str | Path, size: int | tuple[int, int] | None = None, *,
+                    min_side: int = MIN_IMAGE_SIDE) -> np.ndarray:
+    """Read an image file as float32 (H, W) in [0, 1] with the one reader of cyclex (`read_image`).
 
-    size: an int (square) or (H, W) to resize to with bilinear filtering; None keeps the file's size.
-    16-bit PNGs are scaled by 65535, 8-bit images by 255.
+    PNG, JPEG, TIFF, BMP and DICOM, 8- or 16-bit; colour becomes luminance. Corrupt, truncated,
+    non-finite, oversized and under-`min_side` images raise ValueError naming the file (a tiny image
+    would be scaled up to a flat grey and trained on). size: an int (square) or (H, W) to resize to
+    with bilinear filtering; None keeps the file's size.
     """
     from PIL import Image
 
-    path = Path(path)
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(img, dtype=np.float32)
-                scale = 65535.0 if array.max() > 255 else 255.0
-                img = Image.fromarray(np.clip(array / scale, 0, 1).astype(np.float32), mode="F")
-            elif img.mode != "F":
-                img = img.convert("L")
-            if size is not None:
-                h, w = (size, size) if isinstance(size, int) else size
-                img = img.resize((w, h), Image.BILINEAR)
-            array = np.asarray(img, dtype=np.float32)
-    except OSError as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
-    if array.max() > 1.0:
-        array = array / 255.0
+        array = read_image(path)
+    except ImageReadError as err:
+        raise ValueError(str(err)) from err
+    if min(array.shape) < min_side:
+        raise ValueError(f"{path}: the image is {array.shape[1]} x {array.shape[0]} pixels; cyclex uses images of "
+                         f"at least {min_side} x {min_side}")
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else size
+        array = np.asarray(Image.fromarray(array, mode="F").resize((w, h), Image.BILINEAR), dtype=np.float32)
     return np.clip(array, 0.0, 1.0)
 
 
@@ -166,7 +161,12 @@ def read_image_source(source: str | Path) -> list[ImageRecord]:
             for row in rows:
                 row["image"] = str((source / row["image"]).resolve()) if not Path(row["image"]).is_absolute() else row["image"]
             return as_image_records(rows)
-        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        # broken symlinks named like images stay in: reading them fails, so they are listed in failures.jsonl
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                       and (p.is_file() or p.is_symlink()))
+        if not files:
+            raise FileNotFoundError(f"image source {source}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no "
+                                    "metadata.jsonl")
         return as_image_records(files)
     if source.suffix.lower() == ".csv":
         with source.open(newline="") as handle:
