@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-ORDER = ("generators", "tailored", "demo_guidance", "cycle", "search", "search_gpu", "throughput", "labeler", "rse", "causal")
+ORDER = ("generators", "tailored", "demo_guidance", "cycle", "search", "search_gpu", "throughput", "labeler", "rse", "causal", "scale")
 # The arguments the committed results were made with (a 2-core CPU; see each module's docstring).
 ARGS = {
     "search": ["--findings", "200", "--steps", "4", "--threads", "1"],  # held-out, same grid (its defaults)
