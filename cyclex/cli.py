@@ -576,6 +576,7 @@ def train_tailored_command(
 
     from rich.console import Console
 
+    from cyclex.atomic_io import remove_stale_temp_files
     from cyclex.labelers import load_labeler
     from cyclex.run_lock import FolderLock, FolderLockedError
     from cyclex.specs.generators import load_generator
@@ -603,6 +604,7 @@ def train_tailored_command(
         Path(out).mkdir(parents=True, exist_ok=True)
         # one trainer per folder: a second one (or an --overwrite) would mix checkpoints of two runs
         held.enter_context(FolderLock(out))
+        remove_stale_temp_files(out)  # what writes killed in an earlier run of this folder left behind
         # before anything else is written: --out is this run's, the same run resumed, or refused
         check_training_run(out, training_identity(generator, base, config), overwrite=overwrite)
         records = read_image_source(images)
