@@ -12,10 +12,11 @@ import subprocess
 import sys
 import time
 
-ORDER = ("generators", "tailored", "demo_guidance", "cycle", "search", "search_gpu", "throughput", "labeler", "rse", "causal", "scale")
+ORDER = ("generators", "tailored", "demo_guidance", "cycle", "search", "search_gpu", "throughput", "labeler", "rse", "causal", "scale", "reliability")
 # The arguments the committed results were made with (a 2-core CPU; see each module's docstring).
 ARGS = {
     "search": ["--findings", "200", "--steps", "4", "--threads", "1"],  # held-out, same grid (its defaults)
+    "reliability": ["--kill9-trials", "20"],  # 20 trials each for explain and train-tailored
 }
 # Runs before a benchmark, in the same fresh state: search's rules and chosen arm come from validation seeds.
 BEFORE = {"search": ["--fit-validation", "--findings", "80", "--steps", "4", "--threads", "1"]}
