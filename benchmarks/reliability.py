@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -56,14 +57,28 @@ def main(argv: list[str] | None = None) -> int:
     fixtures = Fixtures(work / "fixtures")
     fixtures.root.mkdir(parents=True)
     started = time.perf_counter()
-    corpus = run_corpus([c for c in CASES if args.only in c.name], work / "corpus", fixtures)
-    security = run_corpus([c for c in SECURITY if args.only in c.name], work / "security", fixtures)
     from benchmarks.reliability_kill9 import explain_trials, train_trials
 
-    kill9 = []
+    _ = fixtures.tailored  # built once, before the two strands below share it
+    kill9: list[dict] = []
+    failures: list[BaseException] = []
+
+    def kill9_strand() -> None:  # child processes only, so it runs beside the in-process corpus
+        try:
+            kill9.extend(explain_trials(args.kill9_trials, work / "kill9-explain", fixtures))
+            kill9.extend(train_trials(args.kill9_trials, work / "kill9-train", fixtures))
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread below
+            failures.append(error)
+
+    strand = threading.Thread(target=kill9_strand, daemon=True)
     if args.kill9_trials:
-        kill9 += explain_trials(args.kill9_trials, work / "kill9-explain", fixtures)
-        kill9 += train_trials(args.kill9_trials, work / "kill9-train", fixtures)
+        strand.start()
+    corpus = run_corpus([c for c in CASES if args.only in c.name], work / "corpus", fixtures)
+    security = run_corpus([c for c in SECURITY if args.only in c.name], work / "security", fixtures)
+    if args.kill9_trials:
+        strand.join()
+    if failures:
+        raise failures[0]
     counts = Counter(row["outcome"] for row in corpus)
     per_command = {}
     for row in corpus:
