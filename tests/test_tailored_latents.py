@@ -14,7 +14,12 @@ import pytest
 import torch
 from _tailored_helpers import save_tiny_base, write_manifest
 
-from cyclex.tailored_training import TailoredTrainingConfig, read_manifest, train_tailored
+from cyclex.tailored_training import (
+    TailoredTrainingConfig,
+    read_manifest,
+    read_tailored_metadata,
+    train_tailored,
+)
 from cyclex.tailored_training.dataset import TailoredImageDataset
 from cyclex.tailored_training.latent_cache import (
     LatentCacheMismatch,
@@ -105,12 +110,17 @@ def test_latent_cache_is_the_in_memory_encoding_and_resumes(base, manifest, tmp_
 
 
 def test_training_from_shards_and_the_cache_is_training_from_the_manifest(base, manifest, tmp_path):
-    shards = write_webdataset_shards(read_manifest(manifest), tmp_path / "shards", samples_per_shard=20)
+    described = tmp_path / "dataset.json"  # the data set's description travels with its shards
+    described.write_text(json.dumps({"template": "prism", "prompt_source": "generated", "generator": "demo:clean"}))
+    shards = write_webdataset_shards(read_manifest(manifest), tmp_path / "shards", samples_per_shard=20,
+                                     dataset_json=described)
     plain = train_tailored(manifest, base, tmp_path / "plain", CONFIG)
     cached_cfg = dataclasses.replace(CONFIG, latent_cache_dir=str(tmp_path / "cache"))
     scaled = train_tailored(shards[0].parent, base, tmp_path / "scaled", cached_cfg)
     assert plain.global_step == scaled.global_step == 4
     assert len(list((tmp_path / "cache").glob("latents-*.safetensors"))) == 2
+    metadata = read_tailored_metadata(tmp_path / "scaled")
+    assert metadata["prompt_template"] == "prism" and metadata["generator"] == "demo:clean"
     reference, trained = _unet(tmp_path / "plain"), _unet(tmp_path / "scaled")
     for key, value in reference.items():
         torch.testing.assert_close(trained[key], value, rtol=0, atol=0)

@@ -34,8 +34,14 @@ def write_tailored_metadata(output_dir: str | Path, *, manifest: str | Path, bas
                             config: TailoredTrainingConfig, generator_spec: str | None, global_step: int,
                             num_processes: int = 1) -> Path:
     """Write `cyclex_tailored.json`; template and uncertain_as_present come from the data set's `dataset.json`."""
-    manifest = Path(manifest)
-    described = manifest.parent / "dataset.json" if manifest.is_file() else manifest / "dataset.json"
+    from cyclex.tailored_training.webdataset_shards import is_webdataset_source, shards_folder
+
+    if is_webdataset_source(manifest):  # shards: their folder's dataset.json (write_webdataset_shards copies it)
+        described = shards_folder(manifest) / "dataset.json"
+    else:
+        manifest = Path(manifest)
+        described = manifest.parent / "dataset.json" if manifest.is_file() else manifest / "dataset.json"
+    manifest = Path(str(manifest))
     dataset = json.loads(described.read_text()) if described.is_file() else {}
     metadata = {
         "format_version": FORMAT_VERSION,

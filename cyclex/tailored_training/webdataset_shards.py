@@ -41,6 +41,12 @@ def is_webdataset_source(source: str | Path) -> bool:
     return path.is_dir() and not (path / "manifest.jsonl").is_file() and any(path.glob(f"*{SHARD_SUFFIX}"))
 
 
+def shards_folder(source: str | Path) -> Path:
+    """The folder the shards of `source` lie in (where their dataset.json is)."""
+    path = Path(str(source))
+    return path if path.is_dir() else path.parent
+
+
 def expand_shards(source: str | Path) -> list[Path]:
     """The shard files of `source` in order; FileNotFoundError naming the first missing one."""
     text = str(source)
@@ -130,14 +136,18 @@ class ShardReader:
 
 
 def write_webdataset_shards(manifest_rows: Sequence[dict], folder: str | Path, *, samples_per_shard: int = 1000,
-                            prefix: str = "train") -> list[Path]:
+                            prefix: str = "train", dataset_json: str | Path | None = None) -> list[Path]:
     """Write `manifest_rows` (read_manifest's) as shards FOLDER/PREFIX-000000.tar ...; each shard atomically.
 
     A shard already there with the same samples is kept, so an interrupted write resumes.
+    dataset_json: the data set's dataset.json (prompt template, prompt source), copied into FOLDER,
+    where the tailored SD's metadata looks for it as it does beside a manifest.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     folder = Path(folder)
+    if dataset_json is not None:
+        atomic_write(folder / "dataset.json", lambda handle: handle.write(Path(dataset_json).read_bytes()))
     paths = []
     for number, start in enumerate(range(0, len(manifest_rows), samples_per_shard)):
         chunk = manifest_rows[start:start + samples_per_shard]
