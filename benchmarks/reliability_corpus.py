@@ -448,7 +448,7 @@ LABEL_CASES: dict[str, Callable[[Path, Fixtures], Prepared]] = {
     "megabyte-report": _label(b'report\n"' + b"Cardiomegaly. " + b"x" * 1_100_000 + b'"\n', "ok", check=_n_rows(1)),
     "latin1-without-encoding": _label("report\nCardiom\u00e9galie s\u00e9v\u00e8re. Cardiomegaly.\n".encode("latin-1"),
                                       "error", ("{source}", "--encoding")),
-    "latin1-with-encoding": _label("report\nCardiomegaly, s\u00e9v\u00e8re.\n".encode("latin-1"), "ok",
+    "latin1-with-encoding": _label('report\n"Cardiomegaly, s\u00e9v\u00e8re."\n'.encode("latin-1"), "ok",
                                    extra=("--encoding", "latin-1"), check=_positive("Cardiomegaly")),
     "utf8-bom": _label("\ufeffreport\nCardiomegaly.\n".encode(), "ok", check=_positive("Cardiomegaly")),
     "utf16": _label("report\nCardiomegaly.\n".encode("utf-16"), "error", ("{source}",)),
@@ -504,15 +504,20 @@ def _label_out_problem(kind: str) -> Callable[[Path, Fixtures], Prepared]:
 
 # -- a full disk ------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def disk_full() -> Iterator[None]:
-    """Every atomic write of cyclex fails as on a full disk (after creating its temp file)."""
+def disk_full(after: int = 0) -> Iterator[None]:
+    """Every atomic write of cyclex after the first `after` fails as on a full disk (after creating its temp file)."""
     import errno
 
     import cyclex.atomic_io as atomic_io
 
     real = atomic_io.atomic_write
+    calls = [0]
 
     def full(path, write, mode="wb"):
+        calls[0] += 1
+        if calls[0] <= after:
+            return real(path, write, mode)
+
         def failing(handle):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
@@ -683,12 +688,20 @@ def _out_problem(kind: str) -> Callable[[Path, Fixtures], Prepared]:
                 args[args.index("--generator") + 1] = HOSTILE + "formula_reports"
                 names = ("generator",)
             return Prepared(args, "error", names=names, keep=(run / "results.jsonl", run / "records"))
-        if kind == "disk-full":
-            run = fx.run_copy(out)
+        if kind == "disk-full":  # the disk fills up after the first image's files: a clear error, no torn file
             more = good_folder(work / "more", n=3)
-            shutil.copy(fx.root / "run-images" / "good0.png", more / "good0.png")
-            return Prepared(explain_args(more, run, fx.tailored), "error", names=("No space left",),
-                            patch=disk_full, keep=(run / "records",))
+
+            def check(result) -> str | None:
+                torn = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+                for record in (out / "records").rglob("*.json") if (out / "records").is_dir() else []:
+                    try:
+                        json.loads(record.read_text())
+                    except ValueError:
+                        torn.append(record)
+                return f"torn or temporary files left: {torn}" if torn else None
+
+            return Prepared(explain_args(more, out, fx.tailored, "--batch-size", "1"), "error",
+                            names=("No space left",), patch=lambda: disk_full(after=14), check=check)
         raise KeyError(kind)
 
     return prepare
@@ -1066,14 +1079,17 @@ def _squash(text: str) -> str:
 
 def run_case(case: Case, work: Path, fixtures: Fixtures) -> dict[str, Any]:
     """Run one case in a fresh folder `work`; returns {"case", "command", "outcome", "detail"}."""
+    import csv
     import logging
 
     from typer.testing import CliRunner
 
     from cyclex.cli import app
 
-    # each command calls logging.basicConfig on its own (CliRunner) stream: start every case without handlers,
-    # or a later case logs into an earlier case's closed stream
+    csv.field_size_limit(sys.maxsize)  # the checks read back megabyte reports
+    prepared = case.prepare(work, fixtures)
+    # each command calls logging.basicConfig on its own (CliRunner) stream: once the inputs are built (which
+    # may run a command too), start without handlers, or this case logs into an earlier one's closed stream
     for handler in logging.root.handlers[:]:
         logging.root.removeHandler(handler)
     # libraries (diffusers, transformers) keep a handler on the stderr of the case that first used them
@@ -1081,10 +1097,6 @@ def run_case(case: Case, work: Path, fixtures: Fixtures) -> dict[str, Any]:
         for handler in getattr(logger, "handlers", []):
             if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
                 handler.stream = sys.__stderr__  # not setStream: it flushes the closed stream first
-    import csv
-
-    csv.field_size_limit(sys.maxsize)  # the checks read back megabyte reports
-    prepared = case.prepare(work, fixtures)
     before = {str(p): _fingerprint(p) for p in prepared.keep}
     detail = ""
     try:
