@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
         tailored = demo_assets(("clean",))["clean"]["tailored"]
         result["cycle"] = {
             "query_seeds": cycle_seeds, "generator": "demo:clean", "labeler": "rules",
+            "note": ("cycle.json's phantoms have attributes off (no age / sex effects): the causal model was trained "
+                     "with attributes on, and abducts age and sex of these queries with its parent predictors"),
             "causal": cycle_measure("causal", records, chest_boxes, tailored, WORK / "cycle" / "causal",
                                     {"causal_model": str(args.shipped)}, args.steps),
             "ddim": cycle_measure("ddim", records, chest_boxes, tailored, WORK / "cycle" / "ddim", {}, args.steps),
