@@ -72,7 +72,7 @@ def test_a_report_written_while_this_process_holds_the_lock_is_fine(tmp_path):
     out = _finished_run(tmp_path)
     with locked_run_folder(out):  # re-entrant within one process (the run writing its own page)
         assert write_run_report(out).is_file()
-    with pytest.raises(RunReportError, match="not found"):
+    with pytest.raises(RunReportError, match="does not exist"):
         write_run_report(tmp_path / "absent")
     assert not (tmp_path / "absent").exists()  # a missing run is reported, never made
 

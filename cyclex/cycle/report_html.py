@@ -19,6 +19,7 @@ jinja2's autoescape; no run text is ever placed inside a script.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -37,7 +38,7 @@ from cyclex.cycle.report_data import (
     format_rate,
     run_page_data,
 )
-from cyclex.cycle.run_ownership import locked_run_folder
+from cyclex.cycle.run_ownership import RunFolderError, inspect_run_folder, locked_run_folder
 from cyclex.file_names import printable_text
 
 logger = logging.getLogger(__name__)
@@ -86,8 +87,13 @@ def write_run_report(run: str | os.PathLike, out_html: str | os.PathLike | None 
     """
     out = Path(out_html) if out_html is not None else Path(run) / REPORT_NAME
     if not Path(run).is_dir():
-        raise RunReportError(f"{run}: run folder not found")
-    with locked_run_folder(run):  # never a page of a run half rewritten by a live `explain --overwrite`
+        raise RunReportError(f"{Path(run) / 'results.jsonl'} does not exist: {run} is not a cyclex run folder")
+    try:  # a folder of results only (no marker, no run_config.json) is reported on its contents, unlocked
+        inspect_run_folder(run)
+        hold = locked_run_folder(run)
+    except RunFolderError:
+        hold = contextlib.nullcontext()
+    with hold:  # never a page of a run half rewritten by a live `explain --overwrite`
         page_data = run_page_data(run, out, mentions=mentions)
         write_text_atomic(out, render_page("run_report.html.jinja", page_data))
     logger.info("report of %s (%d items) -> %s", Path(run), len(page_data["items"]), out)
