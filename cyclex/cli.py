@@ -141,6 +141,7 @@ def evaluate(
     Scorers are the phantom stand-ins only for runs of a demo generator ('demo:...' in the run's
     settings); any other run needs real scorers (or 'none', reported unavailable).
     """
+    import contextlib
     import json
     import logging
 
@@ -148,7 +149,7 @@ def evaluate(
     from rich.markup import escape
     from rich.table import Table
 
-    from cyclex.cycle.run_ownership import RunFolderError, locked_run_folder
+    from cyclex.cycle.run_ownership import RunFolderError, inspect_run_folder, locked_run_folder
     from cyclex.explain.evaluate_run import EvaluationConfig, evaluate_run
     from cyclex.specs.scorers import is_demo_generator_spec, load_scorers
 
@@ -159,8 +160,13 @@ def evaluate(
         generator = json.loads(config_path.read_text()).get("generator") if config_path.is_file() else None
         scorers = load_scorers(classifier, encoder, lpips, thresholds, demo=is_demo_generator_spec(generator or ""))
         if not Path(run).is_dir():
-            raise FileNotFoundError(f"{run}: run folder not found")
-        with locked_run_folder(run):  # its metrics and figures are written into the run: one writer at a time
+            raise FileNotFoundError(f"{Path(run) / 'results.jsonl'} not found: {run} is not a run folder")
+        try:  # its metrics and figures go into the run: one writer at a time in a folder cyclex owns
+            inspect_run_folder(run)
+            hold = locked_run_folder(run)
+        except RunFolderError:  # results laid out by hand (no marker, no run_config.json): evaluated unlocked
+            hold = contextlib.nullcontext()
+        with hold:
             summary = evaluate_run(run, classifier=scorers.classifier, encoder=scorers.encoder, lpips=scorers.lpips,
                                    annotations=annotations, scorer_provenance=scorers.describe(),
                                    config=EvaluationConfig(map_kind=map_kind, draw_figures=figures,
