@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "failed_cases": [row for row in corpus if row["outcome"] in FAILURES],
         "kill9_trials": len(kill9),
         "kill9_mismatches": sum(t["mismatch"] for t in kill9),
+        "kill9_killed": sum(t["killed"] for t in kill9),  # trials whose SIGKILL landed before the run ended
         "kill9_per_command": {c: {"trials": sum(t["command"] == c for t in kill9),
                                   "mismatches": sum(t["mismatch"] and t["command"] == c for t in kill9),
                                   "modes": dict(Counter(t["mode"] for t in kill9 if t["command"] == c))}

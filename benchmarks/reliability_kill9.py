@@ -93,6 +93,17 @@ def _run(args: list[str], *, mode: str = "none", k: int = 0, kill_after_s: float
     return child.returncode
 
 
+def _kill_in_time(args: list[str], out: Path, delay: float) -> tuple[int, float]:
+    """Kill the run after `delay` s; when it finished first (a fast run), start over with half the delay."""
+    for _ in range(5):
+        code = _run(args, kill_after_s=delay)
+        if code == -signal.SIGKILL:
+            break
+        shutil.rmtree(out, ignore_errors=True)
+        delay /= 2
+    return code, delay
+
+
 def _temp_leftovers(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                   if p.name.endswith(".tmp") or p.name.endswith(".partial") or ".partial" in p.parts)
@@ -154,8 +165,9 @@ def explain_trials(n: int, work: Path, fixtures: Fixtures, seed: int = 0) -> lis
     for trial in range(n):
         out = work / f"trial{trial}"
         if trial % 2 == 0:
-            mode, k, delay = "time", 0, rng.uniform(0.2 * full_s, 0.9 * full_s)
-            code = _run(_explain_args(images, out, fixtures.tailored), kill_after_s=delay)
+            mode, k = "time", 0
+            code, delay = _kill_in_time(_explain_args(images, out, fixtures.tailored), out,
+                                        rng.uniform(0.2 * full_s, 0.9 * full_s))
         else:
             mode, k, delay = "write", rng.randint(1, n_writes), None
             code = _run(_explain_args(images, out, fixtures.tailored), mode="write", k=k)
@@ -204,8 +216,8 @@ def train_trials(n: int, work: Path, fixtures: Fixtures, seed: int = 1) -> list[
         mode = ("time", "save", "write")[trial % 3]
         k, delay = 0, None
         if mode == "time":
-            delay = rng.uniform(0.2 * full_s, 0.9 * full_s)
-            code = _run(_train_args(images, out, fixtures.tailored), kill_after_s=delay)
+            code, delay = _kill_in_time(_train_args(images, out, fixtures.tailored), out,
+                                        rng.uniform(0.2 * full_s, 0.9 * full_s))
         else:
             k = rng.randint(1, 3) if mode == "save" else rng.randint(1, 12)
             code = _run(_train_args(images, out, fixtures.tailored), mode=mode, k=k)
