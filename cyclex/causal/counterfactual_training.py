@@ -28,7 +28,7 @@ from cyclex.causal.training import (
     EMA,
     TrainingConfig,
     TrainingLog,
-    clip_or_skip,
+    apply_update,
     endless_batches,
     warmup_factor,
 )
@@ -169,19 +169,9 @@ def train_counterfactual(model, predictor, images: torch.Tensor, parents: torch.
         columns = draw_columns(x01.shape[0], n_parents, config.one_parent_per_batch, generator)
         out = counterfactual_loss(net, predictor, x01, pa, columns, generator, float(multiplier.value.detach()),
                                   elbo_bound, config, expert)
-        optimizer.zero_grad(set_to_none=True)
-        if accelerator is not None:
-            accelerator.backward(out["loss"])
-        else:
-            out["loss"].backward()
-        norm, skip = clip_or_skip(net.parameters(), settings.grad_clip, settings.grad_skip, accelerator)
-        if skip:
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer.step()
-            scheduler.step()  # warm-up counts applied updates (and torch wants step() after optimizer.step())
-            ema.update(net)
+        norm, skip = apply_update(out["loss"], net, optimizer, scheduler, settings, accelerator,
+                                  lambda: ema.update(net))
+        skipped += int(skip)
         lam = multiplier.step(out["constraint_tensor"])
         for key in ("loss", "aux", "nelbo", "constraint", "expert"):
             if key in out:

@@ -72,6 +72,26 @@ def clip_or_skip(parameters, grad_clip: float, grad_skip: float, accelerator=Non
     return value, (not math.isfinite(value)) or value > grad_skip
 
 
+def apply_update(loss: torch.Tensor, model: nn.Module, optimizer, scheduler, config, accelerator=None,
+                 on_update=None) -> tuple[float, bool]:
+    """Backward, clip or skip (`clip_or_skip`), then step the optimiser and the warm-up schedule and call
+    on_update (the EMA) unless skipped; returns (gradient norm before clipping, skipped?)."""
+    optimizer.zero_grad(set_to_none=True)
+    if accelerator is not None:
+        accelerator.backward(loss)
+    else:
+        loss.backward()
+    norm, skip = clip_or_skip(model.parameters(), config.grad_clip, config.grad_skip, accelerator)
+    if skip:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+        scheduler.step()  # warm-up counts applied updates (and torch wants step() after optimizer.step())
+        if on_update is not None:
+            on_update()
+    return norm, skip
+
+
 class EMA:
     """Exponential moving average of a model's weights; rate warms up as min(rate, (1 + n) / (10 + n))."""
 
@@ -134,20 +154,10 @@ def optimise(model: nn.Module, loss_of_batch: Callable[..., dict[str, torch.Tens
     for step in range(config.steps):
         batch = next(batches)
         out = loss_of_batch(model, *batch)
-        optimizer.zero_grad(set_to_none=True)
-        if accelerator is not None:
-            accelerator.backward(out["loss"])
-        else:
-            out["loss"].backward()
-        norm, skip = clip_or_skip(model.parameters(), config.grad_clip, config.grad_skip, accelerator)
-        if skip:
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer.step()
-            scheduler.step()  # warm-up counts applied updates (and torch wants step() after optimizer.step())
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(model) if accelerator is not None else model)
+        update_ema = None if ema is None else (
+            lambda: ema.update(accelerator.unwrap_model(model) if accelerator is not None else model))
+        norm, skip = apply_update(out["loss"], model, optimizer, scheduler, config, accelerator, update_ema)
+        skipped += int(skip)
         for key, value in out.items():
             running[key] = running.get(key, 0.0) + float(value.detach())
         running["grad_norm"] = running.get("grad_norm", 0.0) + norm

@@ -46,7 +46,12 @@ from cyclex.counterfactuals.inversion import (
     strength_to_start_index,
 )
 from cyclex.counterfactuals.inversion_cache import image_hash
-from cyclex.counterfactuals.rse import PRIORS, guidance_and_edit_mask, pseudo_masks, robust_normalise
+from cyclex.counterfactuals.rse import (
+    checked_region_settings,
+    guidance_and_edit_mask,
+    pseudo_masks,
+    robust_normalise,
+)
 from cyclex.findings import removed_findings
 
 logger = logging.getLogger(__name__)
@@ -372,17 +377,8 @@ class InstructRegionEditMaker(InstructEditMaker):
                  strength: float = 1.0, *, relevance_strength: float = 0.5, relevance_draws: int = 4,
                  tau: float = 0.1, prior: str = "anatomy", **settings) -> None:
         super().__init__(pipe, num_inference_steps, guidance_scale, strength, **settings)
-        strength_to_start_index(relevance_strength, self.num_inference_steps)  # validates (0, 1]
-        if int(relevance_draws) < 1:
-            raise ValueError(f"relevance_draws must be >= 1, got {relevance_draws}")
-        if not 0.0 <= float(tau) <= 1.0:
-            raise ValueError(f"tau (edit-mask threshold on the guidance map in [0, 1]) must be in [0, 1], got {tau}")
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
-        self.relevance_strength = float(relevance_strength)
-        self.relevance_draws = int(relevance_draws)
-        self.tau = float(tau)
-        self.prior = prior
+        self.relevance_strength, self.relevance_draws, self.tau, self.prior = checked_region_settings(
+            relevance_strength, relevance_draws, tau, prior, self.num_inference_steps)
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "relevance_strength": self.relevance_strength,

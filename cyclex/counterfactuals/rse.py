@@ -46,6 +46,19 @@ from cyclex.findings import removed_findings
 PRIORS = ("anatomy", "none")
 
 
+def checked_region_settings(relevance_strength: float, relevance_draws: int, tau: float, prior: str,
+                            num_inference_steps: int) -> tuple[float, int, float, str]:
+    """The region-editing settings RSE and instruct-RSE share, validated: (strength, draws, tau, prior)."""
+    strength_to_start_index(relevance_strength, num_inference_steps)  # validates (0, 1]
+    if int(relevance_draws) < 1:
+        raise ValueError(f"relevance_draws must be >= 1, got {relevance_draws}")
+    if not 0.0 <= float(tau) <= 1.0:
+        raise ValueError(f"tau (edit-mask threshold on the guidance map in [0, 1]) must be in [0, 1], got {tau}")
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+    return float(relevance_strength), int(relevance_draws), float(tau), prior
+
+
 def robust_normalise(maps: torch.Tensor) -> torch.Tensor:
     """(B, h, w) >= 0 -> [0, 1] per item: clip at Q3 + 1.5 IQR (Tukey's upper fence), then min-max."""
     flat = maps.flatten(1).float()
@@ -86,17 +99,8 @@ class RegionSpecificEditMaker(InvertThenEditMaker):
     ) -> None:
         super().__init__(pipe_or_latent_diffusion, num_inference_steps, guidance_scale, strength,
                          paste_query_outside_mask=paste_query_outside_mask, **settings)
-        strength_to_start_index(relevance_strength, self.num_inference_steps)  # validates (0, 1]
-        if int(relevance_draws) < 1:
-            raise ValueError(f"relevance_draws must be >= 1, got {relevance_draws}")
-        if not 0.0 <= float(tau) <= 1.0:
-            raise ValueError(f"tau (edit-mask threshold on the guidance map in [0, 1]) must be in [0, 1], got {tau}")
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
-        self.relevance_strength = float(relevance_strength)
-        self.relevance_draws = int(relevance_draws)
-        self.tau = float(tau)
-        self.prior = prior
+        self.relevance_strength, self.relevance_draws, self.tau, self.prior = checked_region_settings(
+            relevance_strength, relevance_draws, tau, prior, self.num_inference_steps)
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "relevance_strength": self.relevance_strength,
