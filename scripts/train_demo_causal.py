@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="copy the arm chosen on validation seeds to cyclex/demo/weights/causal")
     parser.add_argument("--reuse-elbo", action="store_true",
                         help="start the arms from --out/elbo (an earlier run's ELBO model and predictors)")
+    parser.add_argument("--counterfactual-steps", type=int, default=None,
+                        help="counterfactual-training steps of the baseline and expert arms (default: tiny_recipe's)")
+    parser.add_argument("--al-finetune-steps", type=int, default=None,
+                        help="counterfactual-training steps after each active-learning round (default: tiny_recipe's)")
     parser.add_argument("--skip-training", action="store_true",
                         help="reuse the arms already in --out (validate and ship only)")
     args = parser.parse_args(argv)
@@ -66,6 +70,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
 
     recipe = tiny_recipe()
+    if args.counterfactual_steps is not None:
+        recipe.counterfactual.training.steps = args.counterfactual_steps
+    if args.al_finetune_steps is not None:
+        recipe.al_finetune_steps = args.al_finetune_steps
     schema = recipe.hvae.schema
     train_images, train_parents = phantom_tensors(causal_phantoms(args.n_train, CAUSAL_TRAINING.set_seed), schema)
     val_images, val_parents = phantom_tensors(causal_phantoms(args.n_validation, CAUSAL_VALIDATION.set_seed), schema)

@@ -211,3 +211,27 @@ def test_paper_recipe_builds_the_192_px_model_and_its_elbo_runs():
     with torch.no_grad():
         out = model.elbo(torch.zeros(1, 1, 192, 192), torch.zeros(1, model.n_parents))
     assert torch.isfinite(out["nelbo"])
+
+
+@pytest.mark.parametrize("from_start_model", [False, True])
+def test_active_learning_rounds_keep_the_elbo_models_bound_unless_asked_to_re_estimate_it(data, tmp_path,
+                                                                                         from_start_model):
+    from cyclex.causal.active_learning import ProxyTrainingConfig
+    from cyclex.causal.recipe import CausalRecipe, train_causal_arms
+
+    torch.manual_seed(0)
+    images, parents = data
+    recipe = CausalRecipe(
+        hvae=HVAEConfig(**TINY), predictor=ParentPredictorConfig(image_size=SIZE, channels=(8, 16)),
+        elbo_training=_quick(6), predictor_training=_quick(4, grad_skip=float("inf")),
+        counterfactual=CounterfactualTrainingConfig(training=_quick(3), damping=10.0, elbo_margin=0.05),
+        al_finetune_steps=3, proxy=ProxyTrainingConfig(epochs=2, batch_size=8),
+        al_bound_from_start_model=from_start_model)
+    report = train_causal_arms(images, parents, recipe, tmp_path, expert=_expert(),
+                               arms=["expert", "expert_al_10", "expert_al_20"])
+    bounds = [report["arms"][name]["elbo_bound"] for name in ("expert", "expert_al_10", "expert_al_20")]
+    if from_start_model:  # each round measures its own start model, which counterfactual training moved
+        assert bounds[1] != bounds[0] and bounds[2] != bounds[1]
+    else:
+        assert bounds[1] == bounds[0] and bounds[2] == bounds[0]
+    assert [r["total_added"] for r in report["active_learning"]] == [2, 4]  # 10 % of 24 per round, rounded
