@@ -58,6 +58,22 @@ def test_nti_reconstructs_better_than_plain_ddim_at_guidance_7_5(nti_run, images
     assert inversion.null_loss.shape == (STEPS, 2)
 
 
+def test_nti_with_a_half_precision_unet_optimises_the_null_text_in_float32(images):
+    ld = LatentDiffusion(tiny_sd_pipeline().to(torch.bfloat16), STEPS)  # bf16: CPU kernels exist for it
+    maker = NullTextInversionMaker(ld, STEPS, guidance_scale=7.5)
+    inversion = maker.invert(images, SOURCE)
+    assert inversion.null_embeds.dtype == torch.float32 and ld.dtype == torch.bfloat16
+    z0 = ld.encode_images(images)
+    cond = ld.encode_prompts(SOURCE)
+    trajectory = ld.ddim_invert(z0, cond, guidance=1.0)
+    plain = ld.ddim_sample(trajectory[-1], cond, guidance=7.5)
+    nti = ld.ddim_sample(trajectory[-1], cond, guidance=7.5, uncond_per_step=list(inversion.null_embeds))
+    plain_error = (plain.float() - z0.float()).pow(2).mean().item()
+    nti_error = (nti.float() - z0.float()).pow(2).mean().item()
+    assert nti_error < 0.9 * plain_error, (nti_error, plain_error)
+    assert torch.isfinite(maker.edit(inversion, TARGET).float()).all()
+
+
 def test_inversion_is_cached_per_item_and_pivot_shared(nti_run, images):
     ld, maker, first = nti_run
     assert first.cache_hits == 0 and first.unet_calls > 0

@@ -42,7 +42,8 @@ def test_validation_fit_uses_validation_seeds_and_names_the_chosen_arm(tiny_run)
     for start, stop in fit["query_seeds"]:
         assert block[0] <= start < stop <= block[1]
     assert fit["chosen_arm"] in bench.CANDIDATE_ARMS and fit["chosen_arm"] == results["chosen_arm"]
-    assert set(fit["rules"]) == {name for name in bench.CANDIDATE_ARMS}
+    arms = bench.arms_for(bench.Grid(("default",), ("best_l2",), (1.0,), (7.0,)))
+    assert set(fit["rules"]) == {name for name in bench.CANDIDATE_ARMS if arms[name].early_stop}
     assert results["validation_fit"]["sha256"] and results["validation_fit"]["rules"] == fit["rules"]
     for name, row in fit["replayed"].items():  # the replay covers Algorithm 1 and every same-grid arm
         assert 0 <= row["acceptance_rate"] <= 1 and row["unet_calls_per_finding"] > 0, name
@@ -216,7 +217,7 @@ def test_gpu_benchmark_writes_its_own_file_with_provenance(tmp_path):
     with pytest.raises(SystemExit):  # a tiny run never writes the GPU results file
         main(["--tiny", "--steps", "1", "--device", "cpu"])
     out = tmp_path / "gpu.json"
-    assert main(["--tiny", "--steps", "1", "--repeats", "1", "--dtype", "float32", "--device", "cpu",
+    assert main(["--tiny", "--steps", "1", "--repeats", "1", "--dtype", "bfloat16", "--device", "cpu",
                  "--out", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert figures["benchmark"] == "gpu" and "tiny" in figures["model"] and figures["steps"] == 1
@@ -226,7 +227,7 @@ def test_gpu_benchmark_writes_its_own_file_with_provenance(tmp_path):
         assert goal["measured"] == figures[key] and goal["met"] == (figures[key] < goal["target"])
     assert {"date", "git_commit", "device", "device_name", "versions"} <= set(figures)
     assert {"torch", "diffusers"} <= set(figures["versions"])
-    for key in ("ddim_seconds", "nti_seconds", "negative_prompt_seconds", "direct_seconds",
+    for key in ("ddim_seconds", "nti_seconds", "nti_half_unet_seconds", "negative_prompt_seconds", "direct_seconds",
                 "search_seconds_per_finding_first_accepted", "search_seconds_per_finding_none_accepted"):
         assert figures[key] > 0, key
     # nothing accepted: the search runs the whole grid, far more UNet work than stopping at the first candidate

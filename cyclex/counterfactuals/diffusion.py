@@ -127,7 +127,8 @@ class LatentDiffusion:
     # -- the UNet ----------------------------------------------------------------------------
     def eps_single(self, latents: torch.Tensor, t, embeds: torch.Tensor) -> torch.Tensor:
         """Noise prediction under one set of text embeddings (one UNet pass of N rows)."""
-        eps = self.unet(self.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=embeds.to(self.dtype)).sample
+        model_in = self.scheduler.scale_model_input(latents, t).to(self.dtype)  # fp32 latents into a half UNet
+        eps = self.unet(model_in, t, encoder_hidden_states=embeds.to(self.dtype)).sample
         self.unet_calls += latents.shape[0]
         self.unet_forward_passes += 1
         return eps

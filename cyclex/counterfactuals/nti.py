@@ -12,8 +12,10 @@ Steps (seed 000, section 2 of SPEC):
    H_null = (inner_steps, early_stop_eps): "default" (10, 1e-5), "underfit" (8, 5e-4).
 3. Sample with the *edited* prompt (finding removed) from z*_{T - start} using phi_i at step i.
 
-Only phi gets gradients (`torch.autograd.grad` on phi alone, under a local `torch.enable_grad()`),
-the optimisation runs in float32 (run the pipeline in fp32: NTI diverges in half precision).
+Only phi gets gradients (`torch.autograd.grad` on phi alone, under a local `torch.enable_grad()`).
+phi, its Adam state, the latents and the DDIM updates stay in float32 whatever the UNet's dtype, so
+the UNet may run in half precision (fp16 / bf16: half the UNet cost on a GPU) while the
+optimisation itself never does (in half precision throughout, NTI diverges).
 
 The inversion cache, the sampling loop, strengths, guidance batches, prompt-to-prompt control and
 masked editing are `InvertThenEditMaker`'s (`inversion.py`, plain DDIM); NTI overrides two hooks:
@@ -158,12 +160,12 @@ def null_text_optimisation(
     the batch stops early when every item's loss is below the bound.
     """
     if ld.dtype != torch.float32:
-        logger.warning("null-text inversion runs best in float32; the UNet is %s", ld.dtype)
+        logger.debug("null-text inversion: UNet in %s, the null embedding and latents in float32", ld.dtype)
     T = ld.num_inference_steps
     b = cond_embeds.shape[0]
     cond = cond_embeds.to(ld.device, ld.dtype)
     null = ld.empty_prompt_embeds(b).to(ld.device, torch.float32).clone()
-    z_cur = trajectory[T].to(ld.device, ld.dtype)
+    z_cur = trajectory[T].to(ld.device, torch.float32)  # the UNet casts its input; the update stays fp32
     ld.scheduler.set_timesteps(T)
     nulls, losses = [], []
     for i in range(T):
@@ -179,7 +181,7 @@ def null_text_optimisation(
             for _ in range(inner_steps):
                 eps_u = ld.eps_single(z_cur, t, null).float()
                 eps = eps_u + guidance * (eps_c - eps_u)
-                z_prev = ld.scheduler.step(eps, t, z_cur.float(), eta=0.0).prev_sample
+                z_prev = ld.scheduler.step(eps, t, z_cur, eta=0.0).prev_sample
                 per_item = (z_prev - z_target).pow(2).flatten(1).mean(1)
                 (grad,) = torch.autograd.grad(per_item.sum(), [null])
                 null.grad = grad
@@ -192,5 +194,5 @@ def null_text_optimisation(
         with torch.no_grad():  # eps_c at z_cur is already known: one UNet call for the step
             eps_u = ld.eps_single(z_cur, t, null).float()
             eps = eps_u + guidance * (eps_c - eps_u)
-            z_cur = ld.scheduler.step(eps.to(ld.dtype), t, z_cur, eta=0.0).prev_sample
+            z_cur = ld.scheduler.step(eps, t, z_cur, eta=0.0).prev_sample
     return torch.stack(nulls), torch.stack(losses)
