@@ -59,6 +59,7 @@ __all__ = [
     "RSE_VALIDATION",
     "DEMO_GUIDANCE_VALIDATION",
     "CYCLE_BENCHMARK_DEVELOPMENT",
+    "SEARCH_BENCHMARK_DEVELOPMENT",
     "SEARCH_VALIDATION",
     "DEMO_QUERIES",
     "CYCLE_BENCHMARK_QUERIES",
@@ -188,6 +189,10 @@ RSE_VALIDATION = SeedUse(
 CAUSAL_VALIDATION = SeedUse(
     "causal_validation", VALIDATION, (20_261,), 200, "scripts/train_demo_causal.py",
     "which causal arm ships (validation effectiveness) and the arms' validation ELBO and predictor accuracy")
+SEARCH_BENCHMARK_DEVELOPMENT = SeedUse(
+    "search_benchmark_development", VALIDATION, (7_500,), None, "retired (benchmarks/search.py before stop 27)",
+    "the search benchmark's queries until stop 27: 98 of their findings were seen before the chosen-arm "
+    "candidates were widened, so they count as validation data and are never reported again")
 SEARCH_VALIDATION = SeedUse(
     "search_validation", VALIDATION, (7_501,), None, "benchmarks/search.py --fit-validation",
     "the search's early-stop rules, measured success shares and chosen arm (search_validation.json)")
@@ -198,7 +203,7 @@ DEMO_QUERIES = SeedUse(
 CYCLE_BENCHMARK_QUERIES = SeedUse(
     "cycle_benchmark_queries", QUERY, (7_400,), None, "benchmarks/cycle.py", "the cycle benchmark (cycle.json)")
 SEARCH_BENCHMARK_QUERIES = SeedUse(
-    "search_benchmark_queries", QUERY, (7_500,), None, "benchmarks/search.py",
+    "search_benchmark_queries", QUERY, (7_502,), None, "benchmarks/search.py",
     "the search benchmark's findings (search.json)")
 GENERATORS_BENCHMARK_QUERIES = SeedUse(
     "generators_benchmark_queries", QUERY, (777, 778), None, "benchmarks/generators.py",
@@ -225,7 +230,7 @@ SEED_USES: tuple[SeedUse, ...] = (
     CF_THRESHOLD_CALIBRATION, ANATOMICAL_PRIOR_FITTING, DEMO_INSTRUCT_TRAINING, AUDIT_BENCHMARK_GENERATORS_TRAINING,
     AUDIT_BENCHMARK_TAILORED_TRAINING,
     PHANTOM_CLASSIFIER_VALIDATION, ANATOMICAL_PRIOR_CHECK, DEMO_VAE_HELDOUT, TAILORED_SD_HELDOUT, DEMO_GUIDANCE_VALIDATION,
-    CYCLE_BENCHMARK_DEVELOPMENT, RSE_VALIDATION, SEARCH_VALIDATION,
+    CYCLE_BENCHMARK_DEVELOPMENT, RSE_VALIDATION, SEARCH_BENCHMARK_DEVELOPMENT, SEARCH_VALIDATION,
     DEMO_QUERIES, CYCLE_BENCHMARK_QUERIES, SEARCH_BENCHMARK_QUERIES, GENERATORS_BENCHMARK_QUERIES,
     TAILORED_BENCHMARK_QUERIES, TAILORED_BENCHMARK_THROUGHPUT, RSE_BENCHMARK_QUERIES, AUDIT_BENCHMARK_QUERIES,
     CAUSAL_TRAINING, CAUSAL_VALIDATION, CAUSAL_BENCHMARK_QUERIES,
