@@ -41,7 +41,8 @@ _TRAIN_FLAGS = {"TailoredTrainingConfig.max_train_steps": "--max-steps", "Tailor
                 "TailoredTrainingConfig.learning_rate": "--learning-rate",
                 "TailoredTrainingConfig.checkpointing_steps": "--checkpointing-steps",
                 "TailoredTrainingConfig.num_inversion_steps": "--inversion-steps",
-                "TailoredTrainingConfig.lr_warmup_steps": "--warmup-steps", "prompt_source": "--prompt-source",
+                "TailoredTrainingConfig.lr_warmup_steps": "--warmup-steps",
+                "TailoredTrainingConfig.latent_cache_dir": "--latent-cache-dir", "prompt_source": "--prompt-source",
                 "max_failed_fraction": "--max-failed-fraction", "batch_size must be": "--generation-batch-size must be"}
 
 
@@ -568,6 +569,8 @@ def train_tailored_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="start over: delete the tailored run already in --out "
                                    "(needed when it was made with another generator, base or settings)"),
     select: bool = typer.Option(True, "--select/--no-select", help="run checkpoint selection after training"),
+    latent_cache_dir: str = typer.Option(None, "--latent-cache-dir", help="encode the VAE latents once into this "
+                                         "folder (resumable, shared by later runs of the same data) and train from it"),
 ) -> None:
     """Build the tailored data set from the generator's own reports, train the tailored SD, select checkpoints.
 
@@ -601,7 +604,8 @@ def train_tailored_command(
     held = contextlib.ExitStack()
     overrides = {"max_train_steps": max_steps, "resolution": resolution, "train_batch_size": batch_size,
                  "learning_rate": learning_rate, "checkpointing_steps": checkpointing_steps,
-                 "num_inversion_steps": inversion_steps, "lr_warmup_steps": warmup_steps}
+                 "num_inversion_steps": inversion_steps, "lr_warmup_steps": warmup_steps,
+                 "latent_cache_dir": latent_cache_dir, "precompute_latents": True if latent_cache_dir else None}
     try:
         config = dataclasses.replace(TailoredTrainingConfig(), **{k: v for k, v in overrides.items() if v is not None})
         check_base_model(base)

@@ -128,3 +128,15 @@ def test_a_pndm_base_leaves_no_foreign_scheduler_keys_behind(tmp_path):
     finally:
         diffusers_logging.get_logger("diffusers").removeHandler(handler)
     assert not [m for m in messages if "were passed to" in m], messages
+
+
+def test_train_tailored_latent_cache_flag_trains_from_the_cache(tmp_path):
+    base = save_tiny_base(tmp_path / "base", vae_channels=(16, 32, 32))
+    write_images(tmp_path / "images", 6, size=32)
+    cache = tmp_path / "latents"
+    result = _train(tmp_path, base, "--generator", "python:_tailored_helpers:disc_reports", "--max-steps", "1",
+                    "--latent-cache-dir", str(cache))
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "tailored" / "training_config.json").read_text())
+    assert config["latent_cache_dir"] == str(cache) and config["precompute_latents"] is True
+    assert sorted(p.name for p in cache.glob("latents-*.safetensors")), list(cache.iterdir())
