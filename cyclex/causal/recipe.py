@@ -59,18 +59,18 @@ class CausalRecipe:
     al_finetune_steps: int = 100  # counterfactual-training steps after each active-learning round
     al_round_fraction: float = 0.1  # synthetic examples added per round, as a share of the training set
     proxy: ProxyTrainingConfig = field(default_factory=ProxyTrainingConfig)
-    # True (what the shipped tiny weights were trained with): each active-learning round re-estimates
-    # the ELBO bound from the model it starts from, so the bound drifts up round after round (validation
-    # nelbo 3.77 -> 4.25 nats/dim). False holds every round to the ELBO model's bound, as the paper's
-    # constraint "the ELBO does not worsen" reads.
-    al_bound_from_start_model: bool = True
+    # False (the default; the shipped tiny weights were trained with it): every active-learning round is
+    # held to the ELBO model's bound, as the paper's constraint "the ELBO does not worsen" reads. True
+    # re-estimates the bound from the model each round starts from, so the bound drifts up round after
+    # round (a first run measured validation nelbo 3.77 -> 4.25 nats/dim); kept to reproduce that run.
+    al_bound_from_start_model: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def tiny_recipe() -> CausalRecipe:
-    """64 px phantoms on a shared 2-core CPU in about 20-30 minutes (all five arms).
+    """64 px phantoms on a 2-core CPU in about 30-40 minutes (all five arms, the ELBO model included).
 
     Learning rates are 20x the paper's and the step counts small so the tiny model trains in minutes;
     the clip / skip / EMA / AdamW settings are the paper's (predictors: no skip, their early age
@@ -84,10 +84,13 @@ def tiny_recipe() -> CausalRecipe:
                                           grad_skip=float("inf"), weight_decay=0.01, log_every=100),
         # damping 10 (causal-gen: 100) and a 0.05 nats/dim bound: with 100 the damped constraint's
         # gradient passed the skip threshold on most steps of a first run, which then barely trained
+        # 400 counterfactual steps and 150 per active-learning round (first run: 100 and 60): on the
+        # validation seeds every arm's effectiveness rose (expert 0.22 -> 0.46) and its nelbo fell,
+        # while reversibility fell (expert 0.98 -> 0.77)
         counterfactual=CounterfactualTrainingConfig(
-            training=TrainingConfig(steps=100, batch_size=16, learning_rate=2e-4, warmup_steps=10, log_every=20),
+            training=TrainingConfig(steps=400, batch_size=16, learning_rate=2e-4, warmup_steps=10, log_every=20),
             expert_alpha=1.0, expert_beta=10.0, damping=10.0, elbo_margin=0.05),
-        al_finetune_steps=60,
+        al_finetune_steps=150,
         proxy=ProxyTrainingConfig(epochs=6, batch_size=64),
     )
 
