@@ -34,6 +34,7 @@ _EXPLAIN_FLAGS = {"ExplainSettings.steps": "--steps", "ExplainSettings.guidance"
                   "FrameSettings.threshold": "--frame-threshold", "FrameSettings.map_blur": "--map-blur",
                   "SearchGrid.required_score": "--required-score", "SearchGrid.strengths": "--search-strengths",
                   "SearchGrid.guidance_batch_size": "--search-guidance-batch",
+                  "SearchGrid.early_stop": "--search-early-stop",
                   "difference_reference='reconstruction'": "--difference-reference reconstruction",
                   "(use difference_reference='query')": "(use --difference-reference query)"}
 _TRAIN_FLAGS = {"TailoredTrainingConfig.max_train_steps": "--max-steps", "TailoredTrainingConfig.resolution":
@@ -336,6 +337,9 @@ def explain(
     search_guidance_batch: int = typer.Option(0, "--search-guidance-batch", min=0,
                                               help="search: guidances per UNet batch (0: all at once; 1: one by one, "
                                               "stopping at the first accepted, fewest UNet evaluations)"),
+    search_early_stop: str = typer.Option(None, "--search-early-stop", help="search: AFTER:BELOW, give up on a "
+                                          "finding unless one of its first AFTER attempts reaches CF_Score BELOW "
+                                          "(e.g. 1:3, the rule benchmarks/search.py fitted on validation seeds)"),
     causal_model: str = typer.Option(None, "--causal-model", help="--variant causal: a causal model folder "
                                      "(`cyclex train-causal`), or 'demo' for the shipped 64 px phantom model"),
     instruct_model: str = typer.Option(None, "--instruct-model", help="--variant instruct | instruct-rse: the "
@@ -416,11 +420,12 @@ def explain(
         search_grid, scorer = None, None
         if search:
             from cyclex.specs.scorers import is_demo_generator_spec, search_scorer_from_specs
-            from cyclex.specs.search_grid import search_kwargs_from_text
+            from cyclex.specs.search_grid import early_stop_from_text, search_kwargs_from_text
 
             search_grid = SearchGrid(**search_kwargs_from_text(search_checkpoints, search_strengths, search_guidances,
                                                                null_settings, required_score),
-                                     guidance_batch_size=search_guidance_batch or None)
+                                     guidance_batch_size=search_guidance_batch or None,
+                                     early_stop=early_stop_from_text(search_early_stop))
             # the application decides from the spec that a demo generator gets the phantom stand-ins
             scorer = search_scorer_from_specs(classifier, encoder, lpips, thresholds,
                                               demo=is_demo_generator_spec(generator))

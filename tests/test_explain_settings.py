@@ -106,3 +106,13 @@ def test_cli_and_three_lines_of_python_make_the_same_run(tmp_path):
     keys = ("image_id", "finding", "verified", "report_before", "report_after", "frame")
     assert [[line[k] for k in keys] for line in py_lines] == [[line[k] for k in keys] for line in cli_lines]
     assert len(cli_lines) == 2
+
+
+def test_search_grid_early_stop_round_trips_and_refuses_bad_rules():
+    settings = ExplainSettings(search=SearchGrid(null_settings=("negative-prompt",), early_stop=[1, 3]))
+    assert settings.search.early_stop == (1, 3)
+    again = ExplainSettings.from_dict(json.loads(json.dumps(settings.to_dict())))
+    assert again == settings and again.search.maker_kwargs()["early_stop"] == (1, 3)
+    for bad in ((0, 3), (1, 6), (1,), (1.5, 3)):
+        with pytest.raises(ValueError, match="SearchGrid.early_stop"):
+            SearchGrid(early_stop=bad)

@@ -193,15 +193,14 @@ def test_from_pretrained_search_needs_a_scorer(tmp_path):
         CyclicExplainer.from_pretrained(tailored, generator=brightness_generator(), variant="nti", search=True)
 
 
-def test_cli_explain_variant_nti_search(tmp_path):
-    from cyclex.cli import app
+def _search_cli_args(tmp_path, thresholds):
+    """`cyclex explain --variant nti --search` on two tiny phantoms, scored with `thresholds` (CFThresholds)."""
     from cyclex.demo.phantom_classifier import (
         PhantomClassifier,
         PhantomClassifierConfig,
         PhantomClassifierNet,
     )
     from cyclex.explain.cf_threshold_calibration import save_cf_thresholds
-    from cyclex.explain.scores import CFThresholds
 
     torch.manual_seed(0)
     images = tmp_path / "in"
@@ -211,17 +210,23 @@ def test_cli_explain_variant_nti_search(tmp_path):
     tailored = tiny_tailored(tmp_path / "sd", best_l1="checkpoint-000002")
     config = PhantomClassifierConfig(channels=(8, 16))
     PhantomClassifier(PhantomClassifierNet(config), config).save_pretrained(tmp_path / "clf")
-    # thresholds every counterfactual passes: the cycle alone decides acceptance
-    thresholds = save_cf_thresholds(tmp_path / "t.json", CFThresholds(lpips=1e9, clip=-2, l2=1e9, cpg=-1e9, fet=-1e9),
-                                    {"procedure": "test"})
-    out = tmp_path / "run"
-    args = ["explain", "--generator", "python:cycle_fakes:brightness_reports", "--tailored", str(tailored),
-            "--images", str(images), "--out", str(out), "--steps", str(STEPS),
+    thresholds_file = save_cf_thresholds(tmp_path / "t.json", thresholds, {"procedure": "test"})
+    return ["explain", "--generator", "python:cycle_fakes:brightness_reports", "--tailored", str(tailored),
+            "--images", str(images), "--out", str(tmp_path / "run"), "--steps", str(STEPS),
             "--labeler", "python:cycle_fakes:KeywordLabeler", "--variant", "nti", "--search",
             "--classifier", f"phantom:{tmp_path / 'clf'}", "--encoder", "classifier", "--lpips", "stand-in",
-            "--thresholds", str(thresholds),
+            "--thresholds", str(thresholds_file),
             "--search-strengths", "1.0", "--search-guidances", "7,9", "--null-settings", "underfit",
             "--required-score", "5", "--search-guidance-batch", "1"]
+
+
+def test_cli_explain_variant_nti_search(tmp_path):
+    from cyclex.cli import app
+    from cyclex.explain.scores import CFThresholds
+
+    # thresholds every counterfactual passes: the cycle alone decides acceptance
+    args = _search_cli_args(tmp_path, CFThresholds(lpips=1e9, clip=-2, l2=1e9, cpg=-1e9, fet=-1e9))
+    out = tmp_path / "run"
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
@@ -237,6 +242,22 @@ def test_cli_explain_variant_nti_search(tmp_path):
     # the search is a setting of the run: resuming without it is refused
     refused = CliRunner().invoke(app, [a for a in args if a != "--search"])
     assert refused.exit_code == 1 and "different settings" in refused.output
+
+
+def test_cli_search_early_stop_gives_up_after_the_first_attempts(tmp_path):
+    from cyclex.cli import app
+    from cyclex.explain.scores import CFThresholds
+
+    # thresholds no counterfactual passes: every attempt scores below 5, so the rule 1:5 gives up at once
+    args = _search_cli_args(tmp_path, CFThresholds(lpips=-1.0, clip=2.0, l2=-1.0, cpg=1e9, fet=1e9))
+    result = CliRunner().invoke(app, [*args, "--search-early-stop", "1:5"])
+    assert result.exit_code == 0, result.output
+    line = json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[0])
+    assert line["maker_details"]["search"]["early_stop"] == [1, 5] and not line["maker_details"]["accepted"]
+    (log,) = [json.loads(x) for x in (tmp_path / "run" / "search_attempts.jsonl").read_text().splitlines()]
+    assert log["n_attempts"] == 1 and log["gave_up"] is True  # 4 attempts without the rule
+    bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "bad"), "--search-early-stop", "0:3"])
+    assert bad.exit_code == 1 and "--search-early-stop" in bad.output and "AFTER:BELOW" in bad.output
 
 
 def test_demo_thresholds_are_calibrated_once_and_read_back(tmp_path, monkeypatch):

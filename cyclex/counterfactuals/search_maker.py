@@ -34,6 +34,7 @@ from cyclex.counterfactuals.search import (
     DEFAULT_NULL_SETTINGS,
     DEFAULT_STRENGTHS,
     CycleCheck,
+    EarlyStopRule,
     MetricGuidedSearch,
     SearchResult,
 )
@@ -105,7 +106,11 @@ class SearchingMaker(CounterfactualMaker):
         log_path: str | Path | None = None,
         guidance_batch_size: int | None = None,
         fit_null_per_guidance: bool = False,
+        early_stop: EarlyStopRule | Sequence[int] | None = None,
     ) -> None:
+        if early_stop is not None and not isinstance(early_stop, EarlyStopRule):
+            after_attempts, below_score = early_stop  # (after_attempts, below_score), as SearchGrid keeps it
+            early_stop = EarlyStopRule(int(after_attempts), int(below_score))
         if not isinstance(makers, Mapping) or not makers:
             raise ValueError("SearchingMaker needs {checkpoint: maker}, at least one")
         for checkpoint, maker in makers.items():
@@ -122,7 +127,7 @@ class SearchingMaker(CounterfactualMaker):
             checkpoints=tuple(checkpoints) if checkpoints is not None else tuple(self.makers),
             strengths=strengths, guidances=guidances, required_score=required_score,
             order_by_paper_shares=order_by_paper_shares, log_path=None, guidance_batch_size=guidance_batch_size,
-            fit_null_per_guidance=fit_null_per_guidance,
+            fit_null_per_guidance=fit_null_per_guidance, early_stop=early_stop,
         )
         self.order_by_paper_shares = bool(order_by_paper_shares)
         self.log_path = Path(log_path) if log_path is not None else None
@@ -225,6 +230,9 @@ class SearchingMaker(CounterfactualMaker):
             "order_by_paper_shares": self.order_by_paper_shares,
             "guidance_batch_size": self.search.guidance_batch_size,
             "fit_null_per_guidance": self.search.fit_null_per_guidance,
+            # only when set, so the settings of runs made without one (and before it existed) stay the same
+            **({"early_stop": [self.search.early_stop.after_attempts, self.search.early_stop.below_score]}
+               if self.search.early_stop is not None else {}),
         })
 
     def settings(self) -> dict[str, Any]:

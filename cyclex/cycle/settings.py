@@ -90,6 +90,9 @@ class SearchGrid:
     required_score: int = 5  # CF_Score (0-5) a counterfactual needs to be accepted
     order_by_paper_shares: bool = True  # try the settings seed 000 found most often successful first
     guidance_batch_size: int | None = None  # guidances per UNet batch (None: all at once)
+    # (after_attempts, below_score): give up on a finding unless one of its first after_attempts attempts
+    # reaches CF_Score below_score (`EarlyStopRule`; benchmarks/search.py fits one on validation seeds)
+    early_stop: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         defaults = {"checkpoints": "DEFAULT_CHECKPOINTS", "null_settings": "DEFAULT_NULL_SETTINGS",
@@ -107,6 +110,13 @@ class SearchGrid:
             raise ValueError(f"SearchGrid.strengths must lie in (0, 1], got {self.strengths}")
         if self.guidance_batch_size is not None and int(self.guidance_batch_size) < 1:
             raise ValueError(f"SearchGrid.guidance_batch_size must be >= 1 or None, got {self.guidance_batch_size}")
+        if self.early_stop is not None:
+            rule = tuple(self.early_stop)
+            if (len(rule) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in rule)
+                    or rule[0] < 1 or not 0 <= rule[1] <= 5):
+                raise ValueError("SearchGrid.early_stop must be (after_attempts >= 1, below_score in 0-5) or None, "
+                                 f"got {self.early_stop!r}")
+            object.__setattr__(self, "early_stop", rule)
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any] | None) -> SearchGrid:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["search_kwargs_from_text"]
+__all__ = ["early_stop_from_text", "search_kwargs_from_text"]
 
 
 def search_kwargs_from_text(checkpoints: str, strengths: str, guidances: str, null_settings: str,
@@ -31,3 +31,18 @@ def search_kwargs_from_text(checkpoints: str, strengths: str, guidances: str, nu
         "null_settings": tuple(items(null_settings, "--null-settings")),
         "required_score": int(required_score),
     }
+
+
+def early_stop_from_text(text: str | None) -> tuple[int, int] | None:
+    """`--search-early-stop AFTER:BELOW` ("1:3") as `SearchGrid.early_stop` (None: no rule)."""
+    if text is None or not str(text).strip():
+        return None
+    parts = str(text).split(":")
+    try:
+        after_attempts, below_score = (int(p) for p in parts)
+    except ValueError:  # not two parts, or not integers
+        after_attempts, below_score = 0, -1
+    if after_attempts < 1 or not 0 <= below_score <= 5:
+        raise ValueError(f"--search-early-stop must be AFTER:BELOW with AFTER >= 1 attempts and BELOW a CF_Score "
+                         f"in 0-5 (e.g. 1:3), got {text!r}")
+    return after_attempts, below_score
