@@ -20,17 +20,16 @@ construction; `decode_mean` gives the decoder's own reconstruction without u for
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cyclex.atomic_io import write_text_atomic
 from cyclex.causal.likelihood import discretised_gaussian_log_likelihood, gaussian_kl
+from cyclex.causal.module_folder import load_module_folder, save_module_folder
 from cyclex.causal.parents import ParentSchema
 
 CONFIG_NAME, WEIGHTS_NAME = "hvae_config.json", "hvae.safetensors"
@@ -281,23 +280,9 @@ class CausalHVAE(nn.Module):
 
     # -- folders ---------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(directory / CONFIG_NAME, json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_NAME)
-        return directory
+        return save_module_folder(self, self.config, directory, CONFIG_NAME, WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> CausalHVAE:
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"causal model file missing: {directory / name} "
-                                        "(train one with `cyclex train-causal` or scripts/train_demo_causal.py)")
-        model = cls(HVAEConfig(**json.loads((directory / CONFIG_NAME).read_text())))
-        model.load_state_dict(load_file(directory / WEIGHTS_NAME), strict=True)
-        return model.eval()
+        return load_module_folder(cls, HVAEConfig, directory, CONFIG_NAME, WEIGHTS_NAME, "causal model",
+                                  missing_hint=" (train one with `cyclex train-causal` or scripts/train_demo_causal.py)")

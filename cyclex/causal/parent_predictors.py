@@ -8,17 +8,16 @@ Bernoulli.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cyclex.atomic_io import write_text_atomic
+from cyclex.causal.module_folder import load_module_folder, save_module_folder
 from cyclex.causal.parents import ParentSchema
 
 CONFIG_NAME, WEIGHTS_NAME = "predictor_config.json", "predictor.safetensors"
@@ -75,22 +74,8 @@ class ParentPredictor(nn.Module):
         return torch.cat([out[:, :1].clamp(-1.0, 1.0), torch.sigmoid(out[:, 1:])], 1)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(directory / CONFIG_NAME, json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_NAME)
-        return directory
+        return save_module_folder(self, self.config, directory, CONFIG_NAME, WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ParentPredictor:
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"parent predictor file missing: {directory / name}")
-        model = cls(ParentPredictorConfig(**json.loads((directory / CONFIG_NAME).read_text())))
-        model.load_state_dict(load_file(directory / WEIGHTS_NAME), strict=True)
-        return model.eval()
+        return load_module_folder(cls, ParentPredictorConfig, directory, CONFIG_NAME, WEIGHTS_NAME, "parent predictor")
