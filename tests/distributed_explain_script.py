@@ -6,11 +6,13 @@ the pitfalls under test, from the environment:
   CYCLEX_TEST_DIE=RANK:CALLS   rank RANK exits at once (os._exit, like kill -9) at its CALLS-th generator call
   CYCLEX_TEST_SLOW_RANK=RANK   rank RANK waits 3 s before its shard, so the others finish first
   CYCLEX_TEST_FAIL_BRIGHT=1    the generator raises on any batch holding an image with effusion and edema
+  CYCLEX_TEST_RANK_LOG=1       the maker logs every request into the run folder, as the search does
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -54,6 +56,35 @@ def make_queries(folder: Path, ids=None, *, write: bool = True) -> list[dict]:
     return records
 
 
+class RankLoggingMaker(PaintingMaker):
+    """PaintingMaker with the search's run log: a line per request, per rank in a distributed run."""
+
+    def start_run(self, run_dir, rank=None):
+        from cyclex.counterfactuals.search_maker import ATTEMPTS_NAME, rank_attempts_path, read_attempts
+
+        self.log_path = Path(run_dir) / ATTEMPTS_NAME if rank is None else rank_attempts_path(run_dir, rank)
+        self._log = read_attempts(self.log_path)
+
+    def make(self, images, source_prompts, target_prompts, *, masks=None, seed=0):
+        from cyclex.atomic_io import write_text_atomic
+        from cyclex.counterfactuals.inversion_cache import image_hash
+
+        out = super().make(images, source_prompts, target_prompts, masks=masks, seed=seed)
+        for image, source, target in zip(images, source_prompts, target_prompts, strict=True):
+            key = f"{image_hash(image)}|{source}|{target}"
+            self._log[key] = {"request": key}
+        write_text_atomic(self.log_path, "".join(json.dumps(line) + "\n" for line in self._log.values()))
+        return out
+
+    def merge_ranks(self, run_dir):
+        from cyclex.counterfactuals.search_maker import SearchingMaker
+
+        SearchingMaker.merge_ranks(self, run_dir)  # the search's own fold, on this maker's log
+
+    def finish_run(self, run_dir):
+        (Path(run_dir) / "rank_log_finished.json").write_text(json.dumps({"n": len(self._log)}))
+
+
 def make_explainer(rank: int = 0) -> CyclicExplainer:
     die_rank, _, die_calls = os.environ.get("CYCLEX_TEST_DIE", "").partition(":")
     calls = [0]
@@ -69,7 +100,8 @@ def make_explainer(rank: int = 0) -> CyclicExplainer:
         return brightness_reports(images)
 
     generator = CallableGenerator(reports, GeneratorInfo(name="fake:brightness", channels=1))
-    return CyclicExplainer(generator, KeywordLabeler(), PaintingMaker(ineffective={"Edema"}), frame_threshold=95)
+    maker_class = RankLoggingMaker if os.environ.get("CYCLEX_TEST_RANK_LOG") == "1" else PaintingMaker
+    return CyclicExplainer(generator, KeywordLabeler(), maker_class(ineffective={"Edema"}), frame_threshold=95)
 
 
 def main() -> None:

@@ -209,3 +209,17 @@ def test_images_the_generator_fails_on_are_listed_once_and_retried(tmp_path):
     explained = [p["n_images_explained"] for p in json.loads((out / "summary.json").read_text())["processes"][
         "per_process"]]
     assert sum(explained) == 1
+
+
+def test_a_maker_logging_into_the_run_folder_logs_per_rank_and_rank_zero_folds_the_logs(tmp_path, monkeypatch):
+    """The search's hooks: start_run(out, rank) on every rank, merge_ranks + finish_run on rank 0."""
+    monkeypatch.setenv("CYCLEX_TEST_RANK_LOG", "1")
+    _reference(tmp_path)
+    single = (tmp_path / "single" / "search_attempts.jsonl").read_text().splitlines()
+    out = tmp_path / "two"
+    done = _launch(2, out, tmp_path / "in")
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = (out / "search_attempts.jsonl").read_text().splitlines()
+    assert sorted(merged) == sorted(single) and len(set(merged)) == len(merged)  # every request once
+    assert json.loads((out / "rank_log_finished.json").read_text())["n"] == len(single)
+    assert list((out / SHARDS_DIR).iterdir()) == []  # the rank logs were folded in and removed

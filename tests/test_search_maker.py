@@ -313,3 +313,24 @@ def test_calibration_passes_counterfactuals_through_the_autoencoder():
     for a, b in zip(plain.counterfactuals, through.counterfactuals, strict=True):
         torch.testing.assert_close(b, a * 0.5)
     assert values_through["l2"] != values_plain["l2"]
+
+
+def test_merge_ranks_folds_each_ranks_attempts_into_the_run_file(makers, tmp_path):
+    from cyclex.counterfactuals.search_maker import rank_attempts_path
+
+    maker = SearchingMaker(makers, ScriptedScorer([[3, 3]] * 8), cycle_check=ScriptedCycle([]),
+                           checkpoints=("best_l2",), **GRID)
+    (tmp_path / "search_attempts.jsonl").write_text(json.dumps({"request": "earlier", "attempts": []}) + "\n")
+    maker.start_run(tmp_path, rank=1)  # rank 1 logs into its own file
+    maker.make(query(heart=0.9)[None], ["The lung with abnormalities Cardiomegaly"], ["The lung with no abnormalities"])
+    rank_file = rank_attempts_path(tmp_path, 1)
+    (logged,) = [json.loads(x) for x in rank_file.read_text().splitlines()]
+    rank_attempts_path(tmp_path, 0).write_text(json.dumps({"request": "rank0", "attempts": []}) + "\n")
+    maker.merge_ranks(tmp_path)
+    merged = [json.loads(x)["request"] for x in (tmp_path / "search_attempts.jsonl").read_text().splitlines()]
+    assert merged == ["earlier", "rank0", logged["request"]]
+    assert not list((tmp_path / "shards").iterdir())
+    assert maker.ablation()["n_findings"] == 3  # the ablation covers every rank's searches
+    rank_file.write_text("not json\n")
+    with pytest.raises(ValueError, match="search_attempts.rank-1.jsonl:1"):
+        maker.merge_ranks(tmp_path)

@@ -47,7 +47,7 @@ class CounterfactualMaker(abc.ABC):
     the query's pixels unchanged outside the mask.
 
     Optional hooks are declared here as documented no-ops; the engine and the run folder call them on
-    every maker: `set_checkpoint_id`, `bind_cycle`, `start_run`, `finish_run`.
+    every maker: `set_checkpoint_id`, `bind_cycle`, `start_run`, `merge_ranks`, `finish_run`.
     """
 
     name: str = "base"
@@ -94,8 +94,14 @@ class CounterfactualMaker(abc.ABC):
         search regenerates and relabels its candidates); `CyclicExplainer.__init__` calls it."""
         return None
 
-    def start_run(self, run_dir: str | Path) -> None:
-        """Called by `run_explainer` before the first batch with the run folder the maker may log into."""
+    def start_run(self, run_dir: str | Path, rank: int | None = None) -> None:
+        """Called before the first batch with the run folder the maker may log into; rank: this process's
+        rank in a distributed run, which then logs into files of its own (`merge_ranks` folds them)."""
+        return None
+
+    def merge_ranks(self, run_dir: str | Path) -> None:
+        """Called on rank 0 of a distributed run once every rank finished, before `finish_run`: fold what
+        the ranks logged (`start_run(run_dir, rank)`) into the run folder's own files."""
         return None
 
     def finish_run(self, run_dir: str | Path) -> Path | None:

@@ -46,6 +46,28 @@ logger = logging.getLogger(__name__)
 
 ATTEMPTS_NAME = "search_attempts.jsonl"
 ABLATION_NAME = "search_ablation.json"
+RANK_ATTEMPTS_GLOB = "search_attempts.rank-*.jsonl"  # RUN/shards/: each rank's log in a distributed run
+
+
+def rank_attempts_path(run_dir: str | Path, rank: int) -> Path:
+    """RUN/shards/search_attempts.rank-R.jsonl: the searches rank R logged (merged by rank 0)."""
+    return Path(run_dir) / "shards" / f"search_attempts.rank-{int(rank)}.jsonl"
+
+
+def read_attempts(path: Path) -> dict[str, dict[str, Any]]:
+    """{request key: log line} of a search attempts file ({} when absent); a bad line is an error naming it."""
+    lines: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return lines
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+            lines[line["request"]] = line
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: not a search attempts line ({err})") from err
+    return lines
 
 
 def generator_cycle_check(generator, labeler, uncertain_as_present: bool = True) -> CycleCheck:
@@ -188,19 +210,23 @@ class SearchingMaker(CounterfactualMaker):
         if self._explicit_cycle_check is None:
             self._cycle_check = generator_cycle_check(generator, labeler, uncertain_as_present)
 
-    def start_run(self, run_dir: str | Path) -> None:
-        """Log into RUN/search_attempts.jsonl, keeping the lines of an earlier (interrupted) run."""
-        self.log_path = Path(run_dir) / ATTEMPTS_NAME
-        self._log = {}
-        if self.log_path.is_file():
-            for number, text in enumerate(self.log_path.read_text().splitlines(), 1):
-                if not text.strip():
-                    continue
-                try:
-                    line = json.loads(text)
-                    self._log[line["request"]] = line
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{self.log_path}:{number}: not a search attempts line ({err})") from err
+    def start_run(self, run_dir: str | Path, rank: int | None = None) -> None:
+        """Log into RUN/search_attempts.jsonl (rank R of a distributed run: its own
+        RUN/shards/search_attempts.rank-R.jsonl), keeping the lines of an earlier (interrupted) run."""
+        self.log_path = Path(run_dir) / ATTEMPTS_NAME if rank is None else rank_attempts_path(run_dir, rank)
+        self._log = read_attempts(self.log_path)
+
+    def merge_ranks(self, run_dir: str | Path) -> None:
+        """Fold every rank's attempts (and those already in RUN/search_attempts.jsonl) into that file."""
+        main = Path(run_dir) / ATTEMPTS_NAME
+        parts = sorted((Path(run_dir) / "shards").glob(RANK_ATTEMPTS_GLOB))
+        merged = read_attempts(main)
+        for part in parts:
+            merged.update(read_attempts(part))
+        write_text_atomic(main, "".join(json.dumps(line, default=str) + "\n" for line in merged.values()))
+        for part in parts:  # folded into the run's own file first, so a kill here loses nothing
+            part.unlink()
+        self.log_path, self._log = main, merged
 
     def finish_run(self, run_dir: str | Path) -> Path:
         """Write RUN/search_ablation.json (seed 000's tables over every search of the run)."""

@@ -210,10 +210,12 @@ def merge_run(out: str | Path, records: Sequence[Mapping[str, Any]], config: Map
 
 
 def _check_maker(maker: CounterfactualMaker) -> None:
+    """Ray workers run in processes of their own without a rank: a maker logging into the run folder
+    (the search's search_attempts.jsonl) is refused there; accelerate's ranks log per rank instead."""
     if type(maker).start_run is not CounterfactualMaker.start_run:
-        raise RunFolderError(f"{type(maker).__name__} logs into one file of the run folder (the search's "
-                             "search_attempts.jsonl), which several processes cannot share; run it with one "
-                             "process (no --num-processes / accelerate launch)")
+        raise RunFolderError(f"{type(maker).__name__} logs into the run folder (the search's search_attempts.jsonl), "
+                             "which Ray workers cannot share; run it with accelerate (--num-processes N) or one "
+                             "process (no --engine ray)")
 
 
 def run_explainer_distributed(
@@ -247,7 +249,6 @@ def run_explainer_distributed(
     out = Path(out)
     rank, world = state.process_index, state.num_processes
     check_records(records)
-    _check_maker(explainer.maker)
     config = run_config(explainer, records, findings=findings, batch_size=batch_size, image_size=image_size,
                         run_settings=run_settings)
     settings = result_settings(config)
@@ -278,6 +279,7 @@ def run_explainer_distributed(
         write_json_atomic(rank_scope_path(out, rank), [str(r["id"]) for r in mine])
         todo = queries_left(out, mine, skipped)
         skipped.write()
+        explainer.maker.start_run(out, rank=rank)  # a maker's run log: one file per rank, folded by rank 0
         logger.info("%s: rank %d of %d: %d of its %d images left to explain", out, rank, world, len(todo), len(mine))
         n_items = 0
         with guarded_generator(explainer, generator_timeout_s), _progress(progress and state.is_main_process) as bar:
@@ -296,6 +298,8 @@ def run_explainer_distributed(
             return None
         # 3. Rank 0: every rank done, then the merge in the fixed order
         processes = _wait_for_ranks(out, verdict["token"], world)
+        explainer.maker.merge_ranks(out)
+        explainer.maker.finish_run(out)
         summary = merge_run(out, records, config, seconds=time.perf_counter() - start, processes=processes)
         for rank_index in range(world):
             rank_done_path(out, rank_index).unlink(missing_ok=True)

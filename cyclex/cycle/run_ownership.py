@@ -49,7 +49,8 @@ RUN_FILE_PATTERNS = tuple(re.compile(p) for p in (
     r"records/[^/]+/[^/]+\.json",
     r"figures/[^/]+\.png",
     # a distributed run's ranks (cycle/distributed.py): their failed images, their scopes, their done markers
-    r"shards/(?:skipped\.rank-[0-9]+\.jsonl|scope\.rank-[0-9]+\.json|done\.rank-[0-9]+\.json)",
+    r"shards/(?:skipped\.rank-[0-9]+\.jsonl|scope\.rank-[0-9]+\.json|done\.rank-[0-9]+\.json"
+    r"|search_attempts\.rank-[0-9]+\.jsonl)",
 ))
 RUN_FOLDER_PATTERNS = tuple(re.compile(p) for p in (
     r"items", r"items/[^/]+", r"items/[^/]+/[^/]+", r"records", r"records/[^/]+", r"figures", r"shards",
