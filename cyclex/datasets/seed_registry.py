@@ -219,7 +219,9 @@ RSE_BENCHMARK_QUERIES = SeedUse(
     "region-specific editing against plain DDIM (rse.json)")
 AUDIT_BENCHMARK_QUERIES = SeedUse(
     "audit_benchmark_queries", QUERY, (7_700,), None, "benchmarks/audit.py",
-    "shortcut detection and false flags of `cyclex audit` with the two demo generators (audit.json)")
+    "shortcut detection and false flags of `cyclex audit` with the two demo generators (audit.json); stop 27 "
+    "compared two other evidence maps on these runs (|I - CF| and R - CF), adopting neither: a method changed "
+    "because of that comparison must be reported on a fresh set")
 CAUSAL_BENCHMARK_QUERIES = SeedUse(
     "causal_benchmark_queries", QUERY, (7_840,), None, "benchmarks/causal.py",
     "the causal arms' axioms and distances to the true counterfactual (causal.json); its cycle part uses "
