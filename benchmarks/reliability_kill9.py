@@ -152,13 +152,26 @@ def _explain_state(out: Path) -> dict[str, Any]:
     return {"results": _strip(lines), "files": files, "summary": summary}
 
 
+def _reference_seconds(args: list[str]) -> float:
+    """Run the uninterrupted reference once; its wall time bounds the random kill times."""
+    started = time.perf_counter()
+    _run(args)
+    return time.perf_counter() - started
+
+
+def _trial_row(command: str, trial: int, mode: str, k: int, delay: float | None, code: int, reruns: int,
+               same: bool, leftovers: list[str], lock_ok: bool) -> dict[str, Any]:
+    return {"command": command, "trial": trial, "mode": mode, "k": k,
+            "kill_after_s": None if delay is None else round(delay, 2), "killed": code == -signal.SIGKILL,
+            "reruns": reruns, "identical": same, "leftovers": leftovers, "lock_free": lock_ok,
+            "mismatch": not (same and lock_ok and not leftovers)}
+
+
 def explain_trials(n: int, work: Path, fixtures: Fixtures, seed: int = 0) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     images = good_folder(work / "images", n=4)
     reference = work / "reference"
-    started = time.perf_counter()
-    _run(_explain_args(images, reference, fixtures.tailored))
-    full_s = time.perf_counter() - started
+    full_s = _reference_seconds(_explain_args(images, reference, fixtures.tailored))
     expected = _explain_state(reference)
     n_writes = len(list((reference / "items").rglob("*"))) + 2 * len(expected["results"]) + 6
     trials = []
@@ -174,10 +187,7 @@ def explain_trials(n: int, work: Path, fixtures: Fixtures, seed: int = 0) -> lis
         reruns, lock_ok = _resume(_explain_args(images, out, fixtures.tailored), out)
         leftovers = _temp_leftovers(out)
         same = out.is_dir() and (out / "results.jsonl").is_file() and _explain_state(out) == expected
-        trials.append({"command": "explain", "trial": trial, "mode": mode, "k": k,
-                       "kill_after_s": None if delay is None else round(delay, 2), "killed": code == -signal.SIGKILL,
-                       "reruns": reruns, "identical": same, "leftovers": leftovers, "lock_free": lock_ok,
-                       "mismatch": not (same and lock_ok and not leftovers)})
+        trials.append(_trial_row("explain", trial, mode, k, delay, code, reruns, same, leftovers, lock_ok))
         shutil.rmtree(out, ignore_errors=True)
     return trials
 
@@ -205,9 +215,7 @@ def train_trials(n: int, work: Path, fixtures: Fixtures, seed: int = 1) -> list[
     rng = random.Random(seed)
     images = good_folder(work / "images", n=4)
     reference = work / "reference"
-    started = time.perf_counter()
-    _run(_train_args(images, reference, fixtures.tailored))
-    full_s = time.perf_counter() - started
+    full_s = _reference_seconds(_train_args(images, reference, fixtures.tailored))
     expected = _weights(reference)
     checkpoints = sorted(p.name for p in (reference / "checkpoints").iterdir())
     trials = []
@@ -225,9 +233,6 @@ def train_trials(n: int, work: Path, fixtures: Fixtures, seed: int = 1) -> list[
         leftovers = _temp_leftovers(out)
         same = (out / "unet").is_dir() and _same_weights(_weights(out), expected) and \
             sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints
-        trials.append({"command": "train-tailored", "trial": trial, "mode": mode, "k": k,
-                       "kill_after_s": None if delay is None else round(delay, 2), "killed": code == -signal.SIGKILL,
-                       "reruns": reruns, "identical": same, "leftovers": leftovers, "lock_free": lock_ok,
-                       "mismatch": not (same and lock_ok and not leftovers)})
+        trials.append(_trial_row("train-tailored", trial, mode, k, delay, code, reruns, same, leftovers, lock_ok))
         shutil.rmtree(out, ignore_errors=True)
     return trials

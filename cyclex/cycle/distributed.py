@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 from cyclex.atomic_io import write_json_atomic
-from cyclex.counterfactuals.base import CounterfactualMaker
 from cyclex.cycle.explainer import CyclicExplainer
 from cyclex.cycle.generator_faults import SkippedItems, guarded_generator
 from cyclex.cycle.run_folder import (
@@ -207,15 +206,6 @@ def merge_run(out: str | Path, records: Sequence[Mapping[str, Any]], config: Map
                                 "per_process": [dict(p) for p in processes]}
         write_json_atomic(out / SUMMARY_NAME, summary)
     return summary
-
-
-def _check_maker(maker: CounterfactualMaker) -> None:
-    """Ray workers run in processes of their own without a rank: a maker logging into the run folder
-    (the search's search_attempts.jsonl) is refused there; accelerate's ranks log per rank instead."""
-    if type(maker).start_run is not CounterfactualMaker.start_run:
-        raise RunFolderError(f"{type(maker).__name__} logs into the run folder (the search's search_attempts.jsonl), "
-                             "which Ray workers cannot share; run it with accelerate (--num-processes N) or one "
-                             "process (no --engine ray)")
 
 
 def run_explainer_distributed(

@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from cyclex.cycle.distributed import _check_maker
+from cyclex.counterfactuals.base import CounterfactualMaker
 from cyclex.cycle.explainer import CyclicExplainer
 from cyclex.cycle.generator_faults import SkippedItems, guarded_generator
 from cyclex.cycle.run_folder import (
+    RunFolderError,
     _write_results,
     check_records,
     explain_batch,
@@ -46,6 +47,15 @@ from cyclex.cycle.settings import ExplainSettings
 from cyclex.jsonl import to_json_safe
 
 logger = logging.getLogger(__name__)
+
+
+def _refuse_run_logging_maker(maker: CounterfactualMaker) -> None:
+    """Ray workers run in processes of their own without a rank: a maker logging into the run folder
+    (the search's search_attempts.jsonl) is refused there; accelerate's ranks log per rank instead."""
+    if type(maker).start_run is not CounterfactualMaker.start_run:
+        raise RunFolderError(f"{type(maker).__name__} logs into the run folder (the search's search_attempts.jsonl), "
+                             "which Ray workers cannot share; run it with accelerate (--num-processes N) or one "
+                             "process (no --engine ray)")
 
 
 def import_ray():
@@ -129,7 +139,7 @@ def run_explainer_ray(
     out = Path(out)
     check_records(records)
     explainer = explainer if explainer is not None else build_explainer()
-    _check_maker(explainer.maker)
+    _refuse_run_logging_maker(explainer.maker)
     config = run_config(explainer, records, findings=findings, batch_size=batch_size, image_size=image_size,
                         run_settings=run_settings)
     with locked_run_folder(out):
