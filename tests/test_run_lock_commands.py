@@ -95,3 +95,23 @@ def test_train_tailored_refuses_a_folder_another_trainer_holds(tmp_path, holder)
         "train-tailored", "--generator", "python:_tailored_helpers:disc_reports", "--images", str(tmp_path / "images"),
         "--base", str(base), "--out", str(tmp_path / "file"), "--max-steps", "1"])
     assert result.exit_code == 2 and "is a file" in result.output
+
+
+def test_a_run_starting_in_its_folder_is_busy_not_a_foreign_folder(tmp_path, holder):
+    """A run that holds the lock but has not written its marker yet (a temp file only): busy, not refused."""
+    from cyclex.cycle.run_ownership import RunFolderBusy, RunFolderError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    child = holder(out)
+    (out / ".run_config.json.tmp-123").write_text("{")  # what a starting run may show for a moment
+    with pytest.raises(RunFolderBusy, match=f"pid {child.pid}"):
+        with locked_run_folder(out):
+            pass
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="not a cyclex run folder"):  # no lock: still a foreign folder
+        with locked_run_folder(foreign):
+            pass
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]  # nothing written into it

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cyclex.atomic_io import temp_file_target, write_json_atomic
-from cyclex.run_lock import FolderLock, FolderLockedError, is_lock_file
+from cyclex.run_lock import LOCK_NAME, FolderLock, FolderLockedError, is_lock_file
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,11 @@ def locked_run_folder(out: str | os.PathLike):
     Re-entrant within one process (a report written while the run holds its lock), never across processes.
     """
     out = Path(out)
-    inspect_run_folder(out)
+    try:
+        inspect_run_folder(out)
+    except RunFolderError:
+        _refuse_if_another_run_is_starting(out)
+        raise
     out.mkdir(parents=True, exist_ok=True)
     key = (os.getpid(), out.resolve())
     held = _HELD_BY_THIS_PROCESS.get(key)
@@ -267,6 +271,19 @@ def locked_run_folder(out: str | os.PathLike):
     finally:
         del _HELD_BY_THIS_PROCESS[key]
         lock.release()
+
+
+def _refuse_if_another_run_is_starting(out: Path) -> None:
+    """RunFolderBusy when a live run holds the lock of `out`: a run that has locked its folder but not yet
+    written its marker leaves files a second writer must not read as "not a run folder"."""
+    if not (out / LOCK_NAME).is_file():
+        return  # no lock file: nothing is starting here, and probing would write one into a foreign folder
+    probe = FolderLock(out)
+    try:
+        probe.acquire()
+    except FolderLockedError as err:
+        raise RunFolderBusy(f"{err}; refusing a second writer into the same run folder", err.holder) from err
+    probe.release()
 
 
 # (pid, resolved folder) -> the lock this process holds on it; the pid keeps a forked child from reusing its parent's
